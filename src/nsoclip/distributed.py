@@ -1,0 +1,120 @@
+"""Process-group set-up for torchrun, SLURM srun and plain single-process runs, plus the few
+collectives the training loop needs. Rank discovery follows OpenCLIP: torchrun's
+LOCAL_RANK/RANK/WORLD_SIZE first, then SLURM_LOCALID/SLURM_PROCID/SLURM_NTASKS."""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The launch environment is inconsistent (missing rendezvous address, bad device)."""
+
+
+@dataclass
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def ranks_from_env(environ=os.environ):
+    """(local_rank, rank, world_size) from torchrun or SLURM variables; (0, 0, 1) otherwise."""
+    if "WORLD_SIZE" in environ and "RANK" in environ:
+        return int(environ.get("LOCAL_RANK", 0)), int(environ["RANK"]), int(environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", 1)) > 1:
+        return int(environ["SLURM_LOCALID"]), int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"])
+    return 0, 0, 1
+
+
+def resolve_device(requested: str, local_rank: int, set_device_rank: bool = True) -> torch.device:
+    """`cuda` (OpenCLIP's default) means this rank's GPU; asking for a GPU on a machine
+    without one is an error rather than a silent CPU run."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LaunchError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
+        if requested == "cuda":
+            index = local_rank if set_device_rank else 0
+            device = torch.device("cuda", index)
+        else:
+            device = torch.device(requested)
+        torch.cuda.set_device(device)
+        return device
+    raise LaunchError(f"--device {requested}: expected cpu, cuda or cuda:N")
+
+
+def init_distributed(device: str = "cuda", backend=None, dist_url=None, timeout_minutes: float = 30,
+                     set_device_rank: bool = True) -> World:
+    local_rank, rank, world_size = ranks_from_env()
+    world = World(rank=rank, local_rank=local_rank, world_size=world_size,
+                  device=resolve_device(device, local_rank, set_device_rank))
+    if not world.distributed:
+        return world
+    using_slurm = "RANK" not in os.environ
+    if using_slurm:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing and not dist_url:
+            raise LaunchError(f"SLURM launch with {world_size} tasks needs {' and '.join(missing)} exported "
+                              "(see scripts/slurm_train.sh) or --dist-url tcp://HOST:PORT")
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    backend = backend or ("nccl" if world.device.type == "cuda" else "gloo")
+    dist.init_process_group(
+        backend=backend,
+        init_method=dist_url or "env://",
+        world_size=world_size,
+        rank=rank,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        device_id=world.device if backend == "nccl" else None,
+    )
+    return world
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks; a no-op on one process."""
+    if is_distributed():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,316 @@
+"""Command-line flags. OpenCLIP's training flags keep their names, meanings and defaults; ours
+are added beside them. Flag groups are functions so the Hessian and zero-shot CLIs reuse them."""
+import argparse
+import re
+import sys
+
+from .precision import PRECISIONS
+
+
+class UsageError(ValueError):
+    """An invalid flag or flag combination; main() prints it as one line and exits 2."""
+
+
+# OpenCLIP flags whose feature we do not ship: refused with the reason, never silently ignored.
+UNSUPPORTED = {
+    "--horovod": "Horovod is not supported; launch with torchrun or srun (torch.distributed)",
+    "--torchscript": "TorchScript export is not supported",
+    "--trace": "model tracing is not supported",
+    "--torchcompile": "torch.compile is not supported by the NSO/SAM step yet",
+    "--remote-sync": "remote sync is not supported; write --logs to shared storage",
+    "--remote-sync-frequency": "remote sync is not supported; write --logs to shared storage",
+    "--remote-sync-protocol": "remote sync is not supported; write --logs to shared storage",
+    "--distill-model": "distillation is not supported",
+    "--distill-pretrained": "distillation is not supported",
+    "--use-bnb-linear": "bitsandbytes linear layers are not supported",
+    "--use-bn-sync": "SyncBatchNorm is not supported (ViT CLIP models have no batch norm)",
+    "--copy-codebase": "--copy-codebase is not supported",
+    "--log-local": "logs are written by rank 0 only; --log-local is not supported",
+    "--coca-caption-loss-weight": "CoCa models are not supported",
+    "--coca-contrastive-loss-weight": "CoCa models are not supported",
+    "--loss-dist-impl": "only the all_gather contrastive loss is supported",
+    "--skip-scheduler": "use --lr-scheduler const instead of --skip-scheduler",
+    "--momentum": "only AdamW is supported as base optimizer (--momentum is for timm optimizers)",
+    "--pretrained-image": "--pretrained-image downloads weights; pass a local --pretrained file",
+    "--wandb-notes": "wandb is not supported; use --report-to tensorboard",
+    "--wandb-project-name": "wandb is not supported; use --report-to tensorboard",
+}
+
+# The reference NSO code's flag names, accepted so its scripts run unchanged.
+REFERENCE_ALIASES = {
+    "--train_nsm": ["--opt", "nso"],
+    "--train_sam": ["--opt", "sam"],
+    "--nsm_use_neg": ["--nso-two-point"],
+    "--nsm_lam": ["--nso-lam"],
+    "--nsm_num_perturbs": ["--nso-num-perturbs"],
+    "--nsm_sigma": ["--nso-sigma"],
+    "--sam_rho": ["--sam-rho"],
+    "--sam_adaptive": ["--sam-adaptive"],
+}
+
+
+class ParseKwargs(argparse.Action):
+    """--aug-cfg scale='(0.9, 1.0)' color_jitter=0.4 -> dict, as OpenCLIP."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+        kwargs = {}
+        for value in values:
+            key, _, raw = value.partition("=")
+            try:
+                kwargs[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                kwargs[key] = str(raw)
+        setattr(namespace, self.dest, kwargs)
+
+
+def add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", type=str, default="RN50",
+                       help="OpenCLIP model name, or path to a model-config JSON in OpenCLIP's format.")
+    group.add_argument("--pretrained", default="", type=str,
+                       help="OpenCLIP pretrained tag, or a checkpoint file (ours or OpenCLIP's).")
+    group.add_argument("--precision", choices=PRECISIONS, default="amp", help="Floating point precision.")
+    group.add_argument("--force-image-size", type=int, nargs="+", default=None)
+    group.add_argument("--force-context-length", type=int, default=None)
+    group.add_argument("--force-quick-gelu", action="store_true", default=False)
+    group.add_argument("--force-patch-dropout", type=float, default=None)
+    group.add_argument("--force-custom-text", action="store_true", default=False)
+    group.add_argument("--image-mean", type=float, nargs="+", default=None, metavar="MEAN")
+    group.add_argument("--image-std", type=float, nargs="+", default=None, metavar="STD")
+    group.add_argument("--image-interpolation", default=None, choices=["bicubic", "bilinear", "random"])
+    group.add_argument("--image-resize-mode", default=None, choices=["shortest", "longest", "squash"])
+    group.add_argument("--aug-cfg", nargs="*", default={}, action=ParseKwargs)
+    group.add_argument("--cache-dir", type=str, default=None, help="Where OpenCLIP caches pretrained weights.")
+    group.add_argument("--siglip", action="store_true", default=False, help="Use the SigLIP (sigmoid) loss.")
+    group.add_argument("--local-loss", action="store_true", default=False,
+                       help="Each rank computes the loss of its own rows against all gathered features "
+                            "(requires --gather-with-grad).")
+    group.add_argument("--gather-with-grad", action="store_true", default=False,
+                       help="All-gather features with gradient (exact distributed contrastive loss).")
+
+
+def add_distributed_args(parser):
+    group = parser.add_argument_group("distributed")
+    group.add_argument("--device", default=None, type=str,
+                       help="cpu, cuda or cuda:N (default: cuda when available, else cpu).")
+    group.add_argument("--dist-url", default=None, type=str, help="Rendezvous URL (default env://).")
+    group.add_argument("--dist-backend", default=None, type=str, help="nccl (GPU default) or gloo (CPU default).")
+    group.add_argument("--dist-timeout", default=30.0, type=float,
+                       help="Minutes a collective may wait before the job fails naming it.")
+    group.add_argument("--no-set-device-rank", action="store_true", default=False,
+                       help="Use cuda:0 in every process (when CUDA_VISIBLE_DEVICES is set per rank).")
+    group.add_argument("--seed", type=int, default=0, help="Default random seed.")
+
+
+def add_data_args(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--train-data", type=str, default=None,
+                       help="csv file, or webdataset shards (brace expansion, sources joined by '::').")
+    group.add_argument("--train-data-upsampling-factors", type=str, default=None,
+                       help="Sampling weight per '::' source, e.g. '1::2' (with --dataset-resampled).")
+    group.add_argument("--val-data", type=str, default=None, help="Validation data (csv or webdataset).")
+    group.add_argument("--train-num-samples", type=int, default=None, help="Samples per epoch (webdataset).")
+    group.add_argument("--val-num-samples", type=int, default=None, help="Validation samples (webdataset).")
+    group.add_argument("--dataset-type", choices=["webdataset", "csv", "synthetic", "auto"], default="auto")
+    group.add_argument("--dataset-resampled", action="store_true", default=False,
+                       help="Sample shards with replacement (webdataset).")
+    group.add_argument("--csv-separator", type=str, default="\t")
+    group.add_argument("--csv-img-key", type=str, default="filepath")
+    group.add_argument("--csv-caption-key", type=str, default="title")
+    group.add_argument("--workers", type=int, default=4, help="Dataloader workers per rank.")
+    group.add_argument("--batch-size", type=int, default=64, help="Batch size per rank.")
+
+
+def add_eval_args(parser):
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--imagenet-val", type=str, default=None, help="ImageNet validation folder (ImageFolder layout).")
+    group.add_argument("--imagenet-v2", type=str, default=None, help="ImageNetV2 folder (classes 0..999).")
+    group.add_argument("--imagenet-a", type=str, default=None, help="ImageNet-A folder (200 WordNet-id classes).")
+    group.add_argument("--imagenet-r", type=str, default=None, help="ImageNet-R folder (200 WordNet-id classes).")
+    group.add_argument("--zeroshot-data", type=str, default=None, help="Any labelled ImageFolder tree.")
+    group.add_argument("--zeroshot-classnames", type=str, default=None, help="Class names, one per line.")
+    group.add_argument("--zeroshot-templates", type=str, default=None, help="Templates with '{}', one per line.")
+
+
+def add_hessian_args(parser):
+    group = parser.add_argument_group("hessian")
+    group.add_argument("--hessian-num-batches", type=int, default=4, help="Batches per rank in the Hessian loss.")
+    group.add_argument("--hessian-probes", type=int, default=64, help="Hessian-vector products for the trace.")
+    group.add_argument("--hessian-method", choices=["hutchinson", "hutchpp"], default="hutchinson")
+    group.add_argument("--hessian-hvp", choices=["exact", "finite_difference"], default="exact")
+    group.add_argument("--hessian-top-k", type=int, default=1, help="Top eigenvalues to compute (0: none).")
+    group.add_argument("--hessian-params", type=str, default=None,
+                       help="Comma-separated substrings; only parameters whose name contains one are included.")
+    group.add_argument("--hessian-max-iter", type=int, default=100, help="Lanczos iterations for eigenvalues.")
+
+
+def add_training_args(parser):
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=32)
+    group.add_argument("--epochs-cooldown", type=int, default=None,
+                       help="Final epochs spent cooling down (const-cooldown schedule).")
+    group.add_argument("--lr", type=float, default=None, help="Learning rate.")
+    group.add_argument("--beta1", type=float, default=None, help="Adam beta 1.")
+    group.add_argument("--beta2", type=float, default=None, help="Adam beta 2.")
+    group.add_argument("--eps", type=float, default=None, help="Adam epsilon.")
+    group.add_argument("--wd", type=float, default=0.2, help="Weight decay.")
+    group.add_argument("--warmup", type=int, default=10000, help="Warmup steps.")
+    group.add_argument("--lr-scheduler", choices=["cosine", "const", "const-cooldown"], default="cosine")
+    group.add_argument("--lr-cooldown-end", type=float, default=0.0)
+    group.add_argument("--lr-cooldown-power", type=float, default=1.0)
+    group.add_argument("--accum-freq", type=int, default=1, help="Optimizer step every --accum-freq batches.")
+    group.add_argument("--grad-clip-norm", type=float, default=None)
+    group.add_argument("--grad-checkpointing", action="store_true", default=False)
+    group.add_argument("--ddp-static-graph", action="store_true", default=False)
+    group.add_argument("--lock-image", action="store_true", default=False)
+    group.add_argument("--lock-image-unlocked-groups", type=int, default=0)
+    group.add_argument("--lock-image-freeze-bn-stats", action="store_true", default=False)
+    group.add_argument("--lock-text", action="store_true", default=False)
+    group.add_argument("--lock-text-unlocked-layers", type=int, default=0)
+    group.add_argument("--lock-text-freeze-layer-norm", action="store_true", default=False)
+    group.add_argument("--max-nonfinite-steps", type=int, default=10,
+                       help="Stop after this many consecutive steps with a NaN/inf loss or gradient.")
+
+    optim = parser.add_argument_group("optimizer (NSO / SAM)")
+    optim.add_argument("--opt", choices=["adamw", "nso", "sam"], default="adamw")
+    optim.add_argument("--nso-sigma", type=float, default=0.01, help="Std of the Gaussian weight perturbation.")
+    optim.add_argument("--nso-num-perturbs", type=int, default=1, help="Perturbations k per step.")
+    optim.add_argument("--nso-two-point", action=argparse.BooleanOptionalAction, default=True,
+                       help="Also evaluate w - e (antithetic pairs).")
+    optim.add_argument("--nso-lam", type=float, default=0.0, help="Weight of the clean gradient at w.")
+    optim.add_argument("--nso-distribution", choices=["normal", "laplace", "uniform"], default="normal")
+    optim.add_argument("--nso-sigma-schedule", choices=["constant", "linear", "exp"], default="constant")
+    optim.add_argument("--nso-sigma-ramp-steps", type=int, default=0, help="Steps of the sigma ramp.")
+    optim.add_argument("--nso-perturb", choices=["all", "weights"], default="all",
+                       help="'weights' leaves logit_scale, norms and biases unperturbed.")
+    optim.add_argument("--sam-rho", type=float, default=0.05)
+    optim.add_argument("--sam-adaptive", action="store_true", default=False, help="ASAM.")
+    optim.add_argument("--sam-ascent", choices=["local", "global"], default="local",
+                       help="Ascent direction from each rank's gradient (1 all-reduce/step) "
+                            "or the all-reduced gradient (2 all-reduces/step).")
+
+    logs = parser.add_argument_group("logging and checkpoints")
+    logs.add_argument("--logs", type=str, default="./logs/", help="Root folder of run folders.")
+    logs.add_argument("--name", type=str, default=None, help="Run folder name (default: date and settings).")
+    logs.add_argument("--report-to", default="", type=str, help="'tensorboard' or '' (none).")
+    logs.add_argument("--log-every-n-steps", type=int, default=100)
+    logs.add_argument("--save-frequency", type=int, default=1, help="Save epoch_N.pt every N epochs.")
+    logs.add_argument("--save-most-recent", action="store_true", default=False, help="Keep epoch_latest.pt.")
+    logs.add_argument("--save-every-n-steps", type=int, default=0, help="Step checkpoints inside an epoch.")
+    logs.add_argument("--delete-previous-checkpoint", action="store_true", default=False)
+    logs.add_argument("--resume", default=None, type=str, help="Checkpoint path, or 'latest'.")
+    logs.add_argument("--zeroshot-frequency", type=int, default=2, help="Zero-shot every N epochs.")
+    logs.add_argument("--val-frequency", type=int, default=1, help="Validation every N epochs.")
+    logs.add_argument("--hessian-frequency", type=int, default=0, help="Hessian trace every N epochs (0: off).")
+    logs.add_argument("--debug", action="store_true", default=False)
+
+
+def refuse_unsupported(argv):
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in UNSUPPORTED:
+            raise UsageError(f"{flag}: {UNSUPPORTED[flag]}")
+
+
+def expand_aliases(argv):
+    expanded = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        if flag in REFERENCE_ALIASES:
+            expanded.extend(REFERENCE_ALIASES[flag])
+            if sep:
+                expanded.append(value)
+        else:
+            expanded.append(arg)
+    return expanded
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def default_adam_params(model_name: str) -> dict:
+    """OpenCLIP's per-architecture AdamW defaults."""
+    if "vit" in model_name.lower():
+        return {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
+    return {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1.0e-8}
+
+
+def build_parser():
+    parser = Parser(prog="nsoclip-train", description="CLIP pretraining with NSO (OpenCLIP-compatible flags).")
+    add_data_args(parser)
+    add_model_args(parser)
+    add_training_args(parser)
+    add_distributed_args(parser)
+    add_eval_args(parser)
+    add_hessian_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_unsupported(argv)
+    args = build_parser().parse_args(expand_aliases(argv))
+    for name, value in default_adam_params(args.model).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    validate(args)
+    return args
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@,-]*$")
+
+
+def validate(args):
+    """Reject flag combinations that would train wrongly or waste a job."""
+    if args.local_loss and not args.gather_with_grad:
+        raise UsageError("--local-loss without --gather-with-grad gives a wrong gradient: add --gather-with-grad")
+    if args.report_to and args.report_to != "tensorboard":
+        raise UsageError(f"--report-to {args.report_to}: only 'tensorboard' is supported (wandb is not installed)")
+    if args.name is not None and (not NAME_PATTERN.match(args.name) or ".." in args.name):
+        raise UsageError(f"--name {args.name!r}: use letters, digits and . _ - + = @ , only "
+                         "(no path separators or '..'); the run folder must stay inside --logs")
+    positive = {"--batch-size": args.batch_size, "--epochs": args.epochs, "--accum-freq": args.accum_freq,
+                "--log-every-n-steps": args.log_every_n_steps, "--max-nonfinite-steps": args.max_nonfinite_steps}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{flag} {value}: must be >= 1")
+    non_negative = {"--workers": args.workers, "--warmup": args.warmup, "--save-frequency": args.save_frequency,
+                    "--save-every-n-steps": args.save_every_n_steps, "--zeroshot-frequency": args.zeroshot_frequency,
+                    "--val-frequency": args.val_frequency, "--hessian-frequency": args.hessian_frequency,
+                    "--nso-num-perturbs": args.nso_num_perturbs, "--nso-sigma-ramp-steps": args.nso_sigma_ramp_steps,
+                    "--wd": args.wd, "--hessian-top-k": args.hessian_top_k}
+    for flag, value in non_negative.items():
+        if value < 0:
+            raise UsageError(f"{flag} {value}: must be >= 0")
+    if args.lr < 0:
+        raise UsageError(f"--lr {args.lr}: must be >= 0")
+    if args.grad_clip_norm is not None and args.grad_clip_norm <= 0:
+        raise UsageError(f"--grad-clip-norm {args.grad_clip_norm}: must be > 0")
+    if args.nso_sigma < 0:
+        raise UsageError(f"--nso-sigma {args.nso_sigma}: must be >= 0")
+    if not 0.0 <= args.nso_lam <= 1.0:
+        raise UsageError(f"--nso-lam {args.nso_lam}: must be in [0, 1]")
+    if args.sam_rho < 0:
+        raise UsageError(f"--sam-rho {args.sam_rho}: must be >= 0")
+    if args.hessian_probes < 1:
+        raise UsageError(f"--hessian-probes {args.hessian_probes}: must be >= 1")
+    if args.hessian_num_batches < 1:
+        raise UsageError(f"--hessian-num-batches {args.hessian_num_batches}: must be >= 1")
+    if args.lr_scheduler == "const-cooldown" and args.epochs_cooldown is None:
+        raise UsageError("--lr-scheduler const-cooldown needs --epochs-cooldown")
+    if args.epochs_cooldown is not None and not 0 <= args.epochs_cooldown < args.epochs:
+        raise UsageError(f"--epochs-cooldown {args.epochs_cooldown}: must be in [0, --epochs)")
+    if args.train_data_upsampling_factors and not args.dataset_resampled:
+        raise UsageError("--train-data-upsampling-factors needs --dataset-resampled")
+    if args.dataset_type == "synthetic" and args.train_num_samples is None:
+        raise UsageError("--dataset-type synthetic needs --train-num-samples")
+    if args.train_data is None and args.dataset_type != "synthetic" and args.val_data is None \
+            and not any((args.imagenet_val, args.imagenet_v2, args.imagenet_a, args.imagenet_r, args.zeroshot_data)):
+        raise UsageError("nothing to do: give --train-data (or --dataset-type synthetic), --val-data or --imagenet-val")
+    if args.zeroshot_data and not (args.zeroshot_classnames and args.zeroshot_templates):
+        raise UsageError("--zeroshot-data needs --zeroshot-classnames and --zeroshot-templates")

@@ -44,12 +44,15 @@ def cpu_env(**extra) -> dict:
 
 def run_cli(args, *, nproc: int = 1, timeout: float = 240, env=None, check: bool = True,
             module: str = "nsoclip.main") -> subprocess.CompletedProcess:
-    """Run `python -m MODULE ARGS` plainly (nproc == 1) or under torchrun with nproc CPU ranks."""
+    """Run `python -m MODULE ARGS` plainly (nproc == 1) or under torchrun with nproc CPU ranks.
+
+    torchrun's own `--logs-specs` makes `--logs` ambiguous to its parser: the `--` keeps our flags
+    away from it (the README shows the same)."""
     if nproc == 1:
         command = [sys.executable, "-m", module, *map(str, args)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   f"--master_port={free_port()}", "-m", module, *map(str, args)]
+                   f"--master_port={free_port()}", "-m", module, "--", *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                             env=env or cpu_env(), cwd=REPO)
     if check and result.returncode != 0:

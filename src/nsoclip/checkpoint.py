@@ -128,3 +128,91 @@ def latest_checkpoint(checkpoint_dir) -> Optional[Path]:
         if best_key is None or key > best_key:
             best, best_key = path, key
     return best
+
+
+class Checkpointer:
+    """The run's checkpoint folder: epoch checkpoints as OpenCLIP names them, step checkpoints
+    inside epochs, and restoring a run from any of them.
+
+    Only rank 0 writes. A checkpoint records where the data stream stands (`epoch` = completed
+    epochs, `batch` = batches consumed in the current one), so a resumed run continues exactly."""
+
+    def __init__(self, checkpoint_dir, args, is_master: bool):
+        self.dir = Path(checkpoint_dir)
+        self.args = args
+        self.is_master = is_master
+
+    def state(self, run, epoch: int, batch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "batch": batch,
+            "step": run.step,
+            "name": self.args.name,
+            "state_dict": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "nonfinite_total": run.nonfinite_total,
+            "world_size": run.world.world_size,
+        }
+
+    def save_step(self, run, epoch: int, batch: int):
+        if not self.is_master:
+            return
+        path = self.dir / f"step_{run.step}.pt"
+        save_checkpoint(self.state(run, epoch, batch), path)
+        logging.info("Saved step checkpoint %s", path)
+        self.remove_step_checkpoints(keep=path)
+
+    def save_epoch(self, run, completed_epochs: int):
+        if not self.is_master:
+            return
+        args = self.args
+        state = self.state(run, completed_epochs, 0)
+        final = completed_epochs == args.epochs
+        if args.save_frequency > 0 and (completed_epochs % args.save_frequency == 0 or final):
+            path = self.dir / f"epoch_{completed_epochs}.pt"
+            save_checkpoint(state, path)
+            logging.info("Saved %s", path)
+            if args.delete_previous_checkpoint:
+                for old in self.dir.glob("epoch_*.pt"):
+                    if old != path and old.stem.split("_")[1].isdigit():
+                        old.unlink()
+        if args.save_most_recent:
+            save_checkpoint(state, self.dir / "epoch_latest.pt")
+        self.remove_step_checkpoints(keep=None)
+
+    def remove_step_checkpoints(self, keep):
+        """Step checkpoints are for recovery only: once a newer checkpoint is safely on disk, the
+        older ones go."""
+        for old in self.dir.glob("step_*.pt"):
+            if old != keep:
+                old.unlink(missing_ok=True)
+
+    def resolve(self, resume: Optional[str]) -> Optional[Path]:
+        """`latest` is the newest complete checkpoint of this run, or None for a first start."""
+        if not resume:
+            return None
+        if resume == "latest":
+            return latest_checkpoint(self.dir)
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {resume}: file not found")
+        return path
+
+    def restore(self, run, path: Path, steps_per_epoch: int):
+        """Load model, optimizer and scaler state; returns (epoch, batch) to continue from."""
+        checkpoint = load_checkpoint(path)
+        load_model_weights(run.model, checkpoint, label=f"--resume {path}")
+        if "optimizer" in checkpoint:
+            try:
+                run.optimizer.load_state_dict(checkpoint["optimizer"])
+            except (KeyError, ValueError, RuntimeError) as error:
+                raise CheckpointError(f"--resume {path}: optimizer state does not fit --opt {self.args.opt} "
+                                      f"({str(error).splitlines()[0]})") from None
+        if run.scaler is not None and checkpoint.get("scaler"):
+            run.scaler.load_state_dict(checkpoint["scaler"])
+        epoch = int(checkpoint.get("epoch", 0))
+        batch = int(checkpoint.get("batch", 0))
+        run.step = int(checkpoint.get("step", epoch * steps_per_epoch))
+        run.nonfinite_total = int(checkpoint.get("nonfinite_total", 0))
+        return epoch, batch

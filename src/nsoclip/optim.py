@@ -59,3 +59,28 @@ def take_step(optimizer, closure: Callable[[], torch.Tensor], grad_scaler=None,
     optimizer.zero_grad(set_to_none=True)
     loss = closure()
     return loss, apply_update(optimizer, grad_scaler, max_grad_norm)
+
+
+def create_optimizer(args, model: torch.nn.Module, ddp_model=None) -> torch.optim.Optimizer:
+    """AdamW, or NSO / SAM around AdamW, over OpenCLIP's two parameter groups (`--opt`)."""
+    groups = parameter_groups(model, args.wd)
+    adamw = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    if args.opt == "adamw":
+        return torch.optim.AdamW(groups, **adamw)
+    if args.opt == "nso":
+        from .nso import NSO
+        return NSO(groups, torch.optim.AdamW, sigma=args.nso_sigma, num_perturbs=args.nso_num_perturbs,
+                   two_point=args.nso_two_point, lam=args.nso_lam, distribution=args.nso_distribution,
+                   seed=args.seed, ddp_model=ddp_model, sigma_schedule=args.nso_sigma_schedule,
+                   sigma_ramp_steps=args.nso_sigma_ramp_steps,
+                   perturb=perturbation_filter(model, args.nso_perturb), **adamw)
+    from .sam import SAM
+    return SAM(groups, torch.optim.AdamW, rho=args.sam_rho, adaptive=args.sam_adaptive,
+               ascent=args.sam_ascent, ddp_model=ddp_model, **adamw)
+
+
+def perturbation_filter(model: torch.nn.Module, which: str):
+    """Parameters NSO perturbs: all, or only weight matrices (no logit_scale, norms, biases)."""
+    if which == "all":
+        return None
+    return {id(p) for n, p in model.named_parameters() if not no_weight_decay(n, p)}

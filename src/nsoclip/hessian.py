@@ -1,0 +1,609 @@
+"""Hessian of the training objective: trace (Hutchinson / Hutch++), per-parameter and per-block
+traces, top eigenvalues (Lanczos), noise stability and curvature along a direction, on one
+process or across all ranks of a torch.distributed job; plus the `nsoclip-hessian` CLI.
+
+The objective is the one training minimises: for batches b_1..b_N on each of R ranks,
+    L(w) = 1/N sum_n 1/R sum_r loss_r(w; b_n)
+where loss_r is rank r's `loss_fn` value. With OpenCLIP's ClipLoss(local_loss=True,
+gather_with_grad=True), loss_r is the contrastive loss of rank r's rows against the features
+gathered from every rank, so the mean over ranks is the loss of the global batch and each
+gradient is exactly what DDP averages. Every product H v is computed from this rank's batches
+(the gathered features make it depend on every rank) and averaged over ranks; probes and
+noise come from generators seeded identically on every rank, so all ranks get the same result.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed
+from .spectral import TraceSamples, hutchinson, hutchpp, lanczos_top, segment_sums
+
+METHODS = ("hutchinson", "hutchpp")
+HVPS = ("exact", "finite_difference")
+
+# Central-difference step: the perturbation t*v has a root-mean-square entry of FD_STEP, i.e.
+# ||t v|| = FD_STEP * sqrt(dim). Chosen by measurement in fp32 (docs/hessian.md): on both test
+# CLIPs (micro: 1.6k parameters, ||w|| = 12; tiny: 1.7M, ||w|| = 46) the error against the exact
+# HVP is smallest with an RMS step near 3e-5 (truncation error grows above it, fp32 rounding of
+# the gradient difference below it), whereas a step relative to ||w|| has different optima for
+# the two. Weights of CLIP models are O(0.01-1), so 3e-5 is far above their fp32 spacing.
+FD_STEP = 3e-5
+
+
+class HessianError(ValueError):
+    """Input the Hessian evaluator cannot work with (no batches, no parameters, bad settings)."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module: we reduce across ranks ourselves, and DDP's reducer expects .backward()."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def name_filter(params) -> Callable[[str], bool]:
+    """`params` as a predicate on parameter names: None (all), a comma-separated string of
+    substrings (as --hessian-params), a callable, or a list of exact names."""
+    if params is None:
+        return lambda name: True
+    if callable(params):
+        return params
+    if isinstance(params, str):
+        needles = [n.strip() for n in params.split(",") if n.strip()]
+        return lambda name: any(needle in name for needle in needles)
+    names = set(params)
+    return names.__contains__
+
+
+def select_parameters(model: torch.nn.Module, params=None) -> Dict[str, torch.nn.Parameter]:
+    """Trainable parameters of the bare model whose names pass the filter, in model order."""
+    named = dict(unwrap(model).named_parameters())
+    if params is not None and not isinstance(params, str) and not callable(params):
+        unknown = [n for n in params if n not in named]
+        if unknown:
+            raise HessianError(f"params: no trainable parameter named {', '.join(unknown[:5])}")
+    keep = name_filter(params)
+    selected = {name: p for name, p in named.items() if p.requires_grad and keep(name)}
+    if not selected:
+        raise HessianError(f"params {params!r}: selects no trainable parameter")
+    return selected
+
+
+def tower_of(name: str) -> str:
+    """visual / text / other for OpenCLIP's CLIP and CustomTextCLIP parameter names."""
+    if name.startswith("visual."):
+        return "visual"
+    text_roots = ("text", "transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
+    return "text" if name.split(".")[0] in text_roots else "other"
+
+
+BLOCK_INDEX = re.compile(r"(?:^|\.)(?:resblocks|blocks|layers|layer)\.(\d+)\.")
+
+
+def block_of(name: str) -> str:
+    """'visual.blocks.3' for a parameter inside the visual tower's 4th transformer block,
+    'visual.other' for the rest of that tower (embeddings, norms, projection), 'other' for
+    logit_scale / logit_bias."""
+    tower = tower_of(name)
+    if tower == "other":
+        return "other"
+    match = BLOCK_INDEX.search(name)
+    return f"{tower}.blocks.{match.group(1)}" if match else f"{tower}.other"
+
+
+class Objective:
+    """L(w) over this rank's batches and all ranks, as a function of the selected parameters
+    seen as one flat vector: loss, gradient and Hessian-vector products.
+
+    Use as a context manager: dropout is off (eval mode) while it is open and the model's mode
+    is restored on exit."""
+
+    def __init__(self, model, loss_fn, batches, params=None, hvp: str = "exact"):
+        if hvp not in HVPS:
+            raise HessianError(f"hvp {hvp!r}: expected one of {', '.join(HVPS)}")
+        self.model = unwrap(model)
+        self.loss_fn = loss_fn
+        self.batches = list(batches)
+        self.hvp_kind = hvp
+        check_batch_counts(len(self.batches))
+        self.named = select_parameters(self.model, params)
+        self.names = list(self.named)
+        self.params = list(self.named.values())
+        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        self.device = self.params[0].device
+        self.segments = []
+        start = 0
+        for p in self.params:
+            self.segments.append((start, start + p.numel()))
+            start += p.numel()
+        self.dim = start
+        self.num_products = 0
+        self._snapshot = None
+
+    def __enter__(self):
+        self._was_training = self.model.training
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        self.model.train(self._was_training)
+        self._snapshot = None
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def split(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        return [flat[a:b].view_as(p).to(p.dtype) for (a, b), p in zip(self.segments, self.params)]
+
+    def flatten(self, tensors) -> torch.Tensor:
+        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
+
+    def weights(self) -> torch.Tensor:
+        return self.flatten([p.detach() for p in self.params])
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        total = sum(self.loss_fn(self.model, batch).detach().double() for batch in self.batches)
+        return distributed.all_reduce_mean(total.reshape(1) / len(self.batches)).item()
+
+    def local_gradient(self) -> torch.Tensor:
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for batch in self.batches:
+            loss = self.loss_fn(self.model, batch)
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
+            total += self.flatten(grads)
+        return total / len(self.batches)
+
+    def hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        self.num_products += 1
+        local = self._exact_hvp(vector) if self.hvp_kind == "exact" else self._finite_difference_hvp(vector)
+        return distributed.all_reduce_mean(local)
+
+    def _exact_hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        """Double backward per batch; flash / memory-efficient attention has no double backward,
+        so the math kernel is forced."""
+        directions = self.split(vector)
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        with sdpa_kernel(SDPBackend.MATH):
+            for batch in self.batches:
+                loss = self.loss_fn(self.model, batch)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True,
+                                            materialize_grads=True)
+                dot = sum((g * d).sum() for g, d in zip(grads, directions))
+                if dot.requires_grad:
+                    products = torch.autograd.grad(dot, self.params, allow_unused=True, materialize_grads=True)
+                    total += self.flatten(products)
+        return total / len(self.batches)
+
+    def _finite_difference_hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        """(g(w + t v) - g(w - t v)) / 2t with ||t v|| = FD_STEP * sqrt(dim).
+        Both points are formed from a snapshot, and the weights are copied back from it, so w is
+        restored bit for bit."""
+        vector_norm = vector.norm().item()
+        if vector_norm == 0:
+            return torch.zeros_like(vector)
+        self.take_snapshot()
+        step = FD_STEP * math.sqrt(self.dim) / vector_norm
+        directions = self.split(vector)
+        try:
+            self.place(directions, step)
+            plus = self.local_gradient()
+            self.place(directions, -step)
+            minus = self.local_gradient()
+        finally:
+            self.restore()
+        return (plus - minus) / (2 * step)
+
+    def take_snapshot(self):
+        if self._snapshot is None:
+            self._snapshot = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def place(self, directions, step: float):
+        """w := snapshot + step * direction, always formed from the snapshot."""
+        for p, saved, d in zip(self.params, self._snapshot, directions):
+            p.copy_(saved).add_(d, alpha=step)
+
+    @torch.no_grad()
+    def restore(self):
+        for p, saved in zip(self.params, self._snapshot):
+            p.copy_(saved)
+
+    def per_segment(self, samples: TraceSamples) -> Dict[str, Dict[str, dict]]:
+        """Trace estimates with standard errors per parameter, transformer block and tower."""
+        groups = {"per_param": {name: [i] for i, name in enumerate(self.names)},
+                  "per_block": {}, "per_tower": {}}
+        for i, name in enumerate(self.names):
+            groups["per_block"].setdefault(block_of(name), []).append(i)
+            groups["per_tower"].setdefault(tower_of(name), []).append(i)
+        result = {}
+        for key, members in groups.items():
+            estimates = {group: samples.estimate(columns) for group, columns in members.items()}
+            result[key] = {group: mean for group, (mean, _) in estimates.items()}
+            result[f"{key}_stderr"] = {group: stderr for group, (_, stderr) in estimates.items()}
+        return result
+
+
+def check_batch_counts(count: int):
+    """Every rank must bring the same, non-zero number of batches, or collectives would hang;
+    all ranks see the same min/max, so all raise together."""
+    low = high = count
+    if distributed.is_distributed():
+        counts = torch.tensor([-count, count], dtype=torch.float64)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        low, high = int(-counts[0].item()), int(counts[1].item())
+    if low == 0:
+        raise HessianError("no batches: the Hessian needs at least one batch on every rank")
+    if low != high:
+        raise HessianError(f"ranks have different numbers of batches ({low} to {high}); give each rank the same")
+
+
+def hessian_trace(model, loss_fn, batches, *, num_probes: int = 64, method: str = "hutchinson",
+                  hvp: str = "exact", seed: int = 0, params=None) -> dict:
+    """Trace of the Hessian of the training objective with its standard error, and the traces
+    of the diagonal blocks of each parameter, transformer block and tower.
+
+    `num_probes` is the budget of Hessian-vector products (Hutch++ spends a third on the
+    sketch, a third on it again and the rest on residual probes; see spectral.hutchpp)."""
+    if num_probes < 1:
+        raise HessianError(f"num_probes {num_probes}: must be >= 1")
+    if method not in METHODS:
+        raise HessianError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    with Objective(model, loss_fn, batches, params, hvp) as objective:
+        estimator = hutchinson if method == "hutchinson" else hutchpp
+        samples = estimator(objective.hvp, objective.dim, num_probes, objective.generator(seed),
+                            objective.segments, objective.dtype, objective.device)
+        trace, stderr = samples.estimate()
+        result = {"trace": trace, "stderr": stderr, "num_probes": num_probes, "num_hvps": objective.num_products,
+                  "method": method, "hvp": hvp, "num_params": objective.dim}
+        result.update(objective.per_segment(samples))
+    return result
+
+
+def top_eigenvalues(model, loss_fn, batches, *, k: int = 1, max_iter: int = 100, tol: float = 1e-4,
+                    seed: int = 0, params=None, hvp: str = "exact") -> List[float]:
+    """The k largest algebraic Hessian eigenvalues, largest first (Lanczos with full
+    reorthogonalisation over all selected parameters as one vector)."""
+    if k < 1:
+        raise HessianError(f"k {k}: must be >= 1")
+    if max_iter < k:
+        raise HessianError(f"max_iter {max_iter}: must be >= k ({k})")
+    with Objective(model, loss_fn, batches, params, hvp) as objective:
+        if k > objective.dim:
+            raise HessianError(f"k {k}: more eigenvalues than the {objective.dim} selected parameters")
+        eigenvalues, _ = lanczos_top(objective.hvp, objective.dim, k, max_iter, tol, objective.generator(seed),
+                                     objective.dtype, objective.device)
+    return eigenvalues
+
+
+def noise_stability(model, loss_fn, batches, sigmas: Sequence[float], *, num_draws: int = 8, seed: int = 0,
+                    params=None) -> List[dict]:
+    """E[L(w + e)] - L(w) for e ~ N(0, sigma^2 I) on the selected parameters: NSO's objective
+    minus the loss. Two-point estimate (L(w + e) + L(w - e)) / 2 - L(w) per draw (antithetic
+    pairs cancel the first-order term), mean and standard error over draws. The same unit
+    directions are reused for every sigma (common random numbers, so the curve is smooth in
+    sigma); w is restored from a snapshot after every evaluation."""
+    if num_draws < 1:
+        raise HessianError(f"num_draws {num_draws}: must be >= 1")
+    if any(not sigma > 0 for sigma in sigmas):
+        raise HessianError(f"sigmas {list(sigmas)}: every sigma must be > 0")
+    with Objective(model, loss_fn, batches, params) as objective:
+        clean = objective.loss()
+        objective.take_snapshot()
+        generator = objective.generator(seed)
+        directions = [torch.randn(objective.dim, generator=generator, device=objective.device,
+                                  dtype=objective.dtype) for _ in range(num_draws)]
+        results = []
+        try:
+            for sigma in sigmas:
+                deltas = []
+                for direction in directions:
+                    pieces = objective.split(direction)
+                    objective.place(pieces, sigma)
+                    plus = objective.loss()
+                    objective.place(pieces, -sigma)
+                    minus = objective.loss()
+                    deltas.append((plus + minus) / 2 - clean)
+                values = torch.tensor(deltas, dtype=torch.float64)
+                stderr = values.std().item() / math.sqrt(num_draws) if num_draws > 1 else math.nan
+                results.append({"sigma": sigma, "mean": values.mean().item(), "stderr": stderr,
+                                "num_draws": num_draws, "loss": clean})
+        finally:
+            objective.restore()
+    return results
+
+
+def curvature_along(model, loss_fn, batches, direction: Dict[str, torch.Tensor], *, hvp: str = "exact") -> dict:
+    """d^T H d for a direction given per parameter name (e.g. w - w0 against a reference
+    checkpoint); parameters not named have zero direction. Also ||d|| and the Rayleigh
+    quotient d^T H d / ||d||^2 (the curvature per unit step)."""
+    names = list(direction)
+    with Objective(model, loss_fn, batches, names, hvp) as objective:
+        for name in names:
+            if tuple(direction[name].shape) != tuple(objective.named[name].shape):
+                raise HessianError(f"direction {name}: shape {tuple(direction[name].shape)} does not match "
+                                   f"the parameter's {tuple(objective.named[name].shape)}")
+        flat = objective.flatten([direction[name].to(objective.device) for name in objective.names])
+        curvature = torch.dot(flat, objective.hvp(flat)).item()
+    norm = flat.norm().item()
+    return {"curvature": curvature, "norm": norm,
+            "rayleigh_quotient": curvature / norm ** 2 if norm > 0 else math.nan}
+
+
+def difference_from_reference(model, reference_state: Dict[str, torch.Tensor], params=None) -> Dict[str, torch.Tensor]:
+    """w - w0 for the selected parameters, from a reference state dict (`module.` prefixes ignored)."""
+    reference = {key.removeprefix("module."): value for key, value in reference_state.items()}
+    selected = select_parameters(model, params)
+    missing = [name for name in selected if name not in reference]
+    if missing:
+        raise HessianError(f"--reference-checkpoint lacks {', '.join(missing[:5])}")
+    difference = {}
+    for name, p in selected.items():
+        if reference[name].numel() != p.numel():
+            raise HessianError(f"--reference-checkpoint {name}: shape {tuple(reference[name].shape)} "
+                               f"does not match the model's {tuple(p.shape)}")
+        difference[name] = p.detach() - reference[name].to(p.device, p.dtype).reshape(p.shape)
+    return difference
+
+
+def hessian_metrics(model, loss_fn, batches, args) -> Dict[str, float]:
+    """Scalars for the training loop's --hessian-frequency, with the --hessian-* settings."""
+    settings = dict(params=args.hessian_params, seed=args.seed)
+    batches = list(batches)
+    result = hessian_trace(model, loss_fn, batches, num_probes=args.hessian_probes, method=args.hessian_method,
+                           hvp=args.hessian_hvp, **settings)
+    metrics = {"hessian/trace": result["trace"], "hessian/trace_stderr": result["stderr"]}
+    for tower, trace in result["per_tower"].items():
+        metrics[f"hessian/trace_{tower}"] = trace
+    if args.hessian_top_k > 0:
+        eigenvalues = top_eigenvalues(model, loss_fn, batches, k=args.hessian_top_k, max_iter=args.hessian_max_iter,
+                                      hvp=args.hessian_hvp, **settings)
+        metrics["hessian/top_eigenvalue"] = eigenvalues[0]
+        for rank, value in enumerate(eigenvalues[1:], start=2):
+            metrics[f"hessian/eigenvalue_{rank}"] = value
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def build_parser():
+    from .params import Parser, add_data_args, add_distributed_args, add_hessian_args, add_model_args
+    parser = Parser(prog="nsoclip-hessian",
+                    description="Hessian trace, per-block traces, top eigenvalues and noise stability of the "
+                                "CLIP training loss, on one process or under torchrun / srun.")
+    add_model_args(parser)
+    add_data_args(parser)
+    add_distributed_args(parser)
+    add_hessian_args(parser)
+    parser.set_defaults(precision="fp32")
+    group = parser.add_argument_group("hessian report")
+    group.add_argument("--resume", type=str, default=None, help="Our training checkpoint to evaluate.")
+    group.add_argument("--hessian-output", type=str, default=None, help="Write the JSON report here.")
+    group.add_argument("--noise-stability-sigmas", type=str, default=None,
+                       help="Comma-separated sigmas, e.g. 0.001,0.01: E[L(w+e)] - L(w) for each.")
+    group.add_argument("--noise-stability-draws", type=int, default=8, help="Antithetic pairs per sigma.")
+    group.add_argument("--reference-checkpoint", type=str, default=None,
+                       help="Report (w - w0)^T H (w - w0) against this checkpoint's weights w0.")
+    group.add_argument("--report-to", type=str, default="", help="'tensorboard' to log scalars under --logs.")
+    group.add_argument("--logs", type=str, default=None,
+                       help="Run folder (e.g. logs/NAME): TensorBoard events go to LOGS/tensorboard.")
+    return parser
+
+
+def parse_args(argv):
+    from .params import UsageError, build_parser as training_parser
+    args = build_parser().parse_args(argv)
+    if args.hessian_probes < 1:
+        raise UsageError(f"--hessian-probes {args.hessian_probes}: must be >= 1")
+    if args.hessian_num_batches < 1:
+        raise UsageError(f"--hessian-num-batches {args.hessian_num_batches}: must be >= 1")
+    if args.hessian_top_k < 0:
+        raise UsageError(f"--hessian-top-k {args.hessian_top_k}: must be >= 0")
+    if args.hessian_top_k > args.hessian_max_iter:
+        raise UsageError(f"--hessian-max-iter {args.hessian_max_iter}: must be >= --hessian-top-k")
+    if args.noise_stability_draws < 1:
+        raise UsageError(f"--noise-stability-draws {args.noise_stability_draws}: must be >= 1")
+    if args.report_to not in ("", "tensorboard"):
+        raise UsageError(f"--report-to {args.report_to}: only 'tensorboard' is supported")
+    if args.report_to and not args.logs:
+        raise UsageError("--report-to tensorboard needs --logs (the run folder)")
+    if args.dataset_type == "synthetic" and args.train_num_samples is None:
+        raise UsageError("--dataset-type synthetic needs --train-num-samples")
+    if args.train_data is None and args.val_data is None and args.dataset_type != "synthetic":
+        raise UsageError("no data: give --train-data, --val-data or --dataset-type synthetic")
+    args.sigmas = []
+    if args.noise_stability_sigmas:
+        try:
+            args.sigmas = [float(s) for s in args.noise_stability_sigmas.split(",") if s.strip()]
+        except ValueError:
+            raise UsageError(f"--noise-stability-sigmas {args.noise_stability_sigmas}: "
+                             "expected comma-separated numbers") from None
+        if not args.sigmas or any(not s > 0 for s in args.sigmas):
+            raise UsageError(f"--noise-stability-sigmas {args.noise_stability_sigmas}: every sigma must be > 0")
+    # The exact distributed contrastive loss, whatever was typed: it is the training objective.
+    args.local_loss = args.gather_with_grad = True
+    # Shared helpers (data, model) may read training flags this CLI does not define.
+    merged = vars(training_parser().parse_args([]))
+    merged.update(vars(args))
+    return argparse.Namespace(**merged)
+
+
+def first_batches(args, model_bundle, world, device):
+    from .data import get_data
+    from .precision import input_dtype
+    _, preprocess_train, preprocess_val, tokenizer = model_bundle
+    data = get_data(args, (preprocess_train, preprocess_val), tokenizer, world, epoch=0)
+    split = "train" if data.get("train") is not None else "val"
+    info = data.get(split)
+    if info is None or info.num_batches == 0:
+        raise HessianError("no batches: the data gives this rank zero batches (check --batch-size and the sample count)")
+    if info.num_batches < args.hessian_num_batches:
+        raise HessianError(f"--hessian-num-batches {args.hessian_num_batches}: the {split} data has only "
+                           f"{info.num_batches} batches per rank")
+    dtype = input_dtype(args.precision)
+    batches = []
+    for images, texts in info.dataloader:
+        batches.append((images.to(device=device, dtype=dtype or images.dtype), texts.to(device)))
+        if len(batches) == args.hessian_num_batches:
+            break
+    return batches, split
+
+
+class ProgressLoss:
+    """Wraps loss_fn to advance a tqdm bar on rank 0: one tick per loss evaluation."""
+
+    def __init__(self, loss_fn, enabled: bool):
+        self.loss_fn = loss_fn
+        self.enabled = enabled
+        self.bar = None
+
+    @contextlib.contextmanager
+    def stage(self, description: str, total: Optional[int]):
+        if self.enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=description, unit="loss", file=sys.stderr, dynamic_ncols=True)
+        try:
+            yield
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    def __call__(self, model, batch):
+        if self.bar is not None:
+            self.bar.update(1)
+        return self.loss_fn(model, batch)
+
+
+def checkpoint_step(path) -> int:
+    from .checkpoint import load_checkpoint
+    checkpoint = load_checkpoint(path, mmap=True)
+    for key in ("step", "epoch"):
+        if isinstance(checkpoint.get(key), int):
+            return checkpoint[key]
+    return 0
+
+
+def run(args) -> dict:
+    from .checkpoint import load_checkpoint, load_model_weights, model_state_dict
+    from .loss import contrastive_loss_fn, create_loss
+    from .model import create_model_and_transforms
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world = distributed.init_distributed(device=device, backend=args.dist_backend, dist_url=args.dist_url,
+                                         timeout_minutes=args.dist_timeout,
+                                         set_device_rank=not args.no_set_device_rank)
+    torch.manual_seed(args.seed)
+    bundle = create_model_and_transforms(args, world.device)
+    model = bundle[0]
+    if args.resume:
+        load_model_weights(model, args.resume, label="--resume")
+    reference = None
+    if args.reference_checkpoint:
+        reference = model_state_dict(load_checkpoint(args.reference_checkpoint))
+    batches, split = first_batches(args, bundle, world, world.device)
+    loss_fn = ProgressLoss(contrastive_loss_fn(create_loss(args, world)), world.is_master)
+    per_product = len(batches) * (1 if args.hessian_hvp == "exact" else 2)
+
+    with loss_fn.stage("trace", args.hessian_probes * per_product):
+        report = hessian_trace(model, loss_fn, batches, num_probes=args.hessian_probes, method=args.hessian_method,
+                               hvp=args.hessian_hvp, seed=args.seed, params=args.hessian_params)
+    report["top_eigenvalues"] = []
+    if args.hessian_top_k > 0:
+        with loss_fn.stage("eigenvalues", args.hessian_max_iter * per_product):
+            report["top_eigenvalues"] = top_eigenvalues(model, loss_fn, batches, k=args.hessian_top_k,
+                                                        max_iter=args.hessian_max_iter, seed=args.seed,
+                                                        params=args.hessian_params, hvp=args.hessian_hvp)
+    if args.sigmas:
+        with loss_fn.stage("noise stability", len(batches) * (1 + 2 * args.noise_stability_draws * len(args.sigmas))):
+            report["noise_stability"] = noise_stability(model, loss_fn, batches, args.sigmas,
+                                                        num_draws=args.noise_stability_draws, seed=args.seed,
+                                                        params=args.hessian_params)
+    if reference is not None:
+        direction = difference_from_reference(model, reference, args.hessian_params)
+        with loss_fn.stage("reference curvature", per_product):
+            report["reference"] = {"checkpoint": args.reference_checkpoint,
+                                   **curvature_along(model, loss_fn, batches, direction, hvp=args.hessian_hvp)}
+    bare = unwrap(model)
+    report["settings"] = {
+        "model": args.model, "checkpoint": args.resume or args.pretrained or None, "data_split": split,
+        "batch_size": int(batches[0][0].shape[0]), "global_batch_size": int(batches[0][0].shape[0]) * world.world_size,
+        "num_batches": len(batches), "world_size": world.world_size,
+        "logit_scale": bare.logit_scale.exp().item() if hasattr(bare, "logit_scale") else None,
+        "seed": args.seed, "params": args.hessian_params, "precision": args.precision, "device": str(world.device),
+        "num_probes": args.hessian_probes, "method": args.hessian_method, "hvp": args.hessian_hvp,
+        "top_k": args.hessian_top_k, "max_iter": args.hessian_max_iter,
+    }
+    return report
+
+
+def finite_or_none(value):
+    """NaN / inf become null so the report is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_outputs(args, report: dict):
+    report = finite_or_none(report)
+    if args.hessian_output:
+        path = Path(args.hessian_output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        step = checkpoint_step(args.resume) if args.resume else 0
+        writer = SummaryWriter(str(Path(args.logs) / "tensorboard"))
+        scalars = {"hessian/trace": report["trace"], "hessian/trace_stderr": report["stderr"]}
+        scalars.update({f"hessian/trace_{tower}": v for tower, v in report["per_tower"].items()})
+        if report["top_eigenvalues"]:
+            scalars["hessian/top_eigenvalue"] = report["top_eigenvalues"][0]
+        for entry in report.get("noise_stability", []):
+            scalars[f"hessian/noise_stability_sigma_{entry['sigma']:g}"] = entry["mean"]
+        if "reference" in report:
+            scalars["hessian/reference_curvature"] = report["reference"]["curvature"]
+        for key, value in scalars.items():
+            if value is not None:
+                writer.add_scalar(key, value, step)
+        writer.close()
+    summary = {key: report[key] for key in ("trace", "stderr", "num_hvps", "top_eigenvalues")}
+    summary.update(per_tower=report["per_tower"], settings=report["settings"])
+    for key in ("noise_stability", "reference"):
+        if key in report:
+            summary[key] = report[key]
+    print(json.dumps(summary))
+
+
+def main(argv=None) -> int:
+    from .distributed import LaunchError
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        report = run(args)
+        if not distributed.is_distributed() or dist.get_rank() == 0:
+            write_outputs(args, report)
+    except (ValueError, LaunchError) as error:
+        print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

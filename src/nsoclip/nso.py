@@ -1,0 +1,306 @@
+"""Noise Stability Optimization (NSO): the gradient of the loss averaged over random weight
+perturbations, then an ordinary optimizer's update at the unperturbed weights.
+
+    g = lam * grad L(w) + (1 - lam) / (k * (1 + two_point)) * sum_i [grad L(w + e_i) (+ grad L(w - e_i))]
+
+Costs only what the formula costs: 2k forward/backward passes for two-point with lam == 0 (the
+clean pass runs only when lam > 0), one DDP gradient all-reduce per step (every pass but the last
+runs under `no_sync`; gradients accumulate in `.grad`), and one parameter-sized snapshot of w.
+The noise e_i is a pure function of (seed, step, i, parameter index), drawn on the parameter's
+device from an explicitly seeded generator, so every rank perturbs identically without talking
+and a resumed run continues the same noise stream.
+
+The optimizer knows nothing about CLIP: `closure()` runs forward + backward at the current
+weights (with `grad_scaler.scale(loss).backward()` under fp16) and returns the loss.
+"""
+import hashlib
+import math
+import numbers
+import struct
+from typing import Callable, Optional, Union
+
+import torch
+
+from .optim import apply_update
+
+DISTRIBUTIONS = ("normal", "laplace", "uniform")
+SIGMA_SCHEDULES = ("constant", "linear", "exp")
+PERTURB_CHOICES = ("all", "weights")
+EXP_RAMP_START = 0.01  # the exp ramp starts two decades below sigma
+
+
+def noise_seed(seed: int, step: int, perturbation: int, index: int) -> int:
+    """Generator seed for one tensor's noise. A hash, so that neighbouring (step, i, index)
+    triples give unrelated streams and skipping a tensor never shifts another's noise."""
+    packed = struct.pack("<4Q", *(value % 2**64 for value in (seed, step, perturbation, index)))
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") % 2**63
+
+
+def fill_noise_(tensor: torch.Tensor, distribution: str, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Overwrite `tensor` with zero-mean noise of standard deviation `std`. Normal and uniform are
+    drawn in place (no temporary); laplace is a difference of two exponentials (one temporary)."""
+    if std == 0:
+        return tensor.zero_()
+    if distribution == "normal":
+        return tensor.normal_(0.0, std, generator=generator)
+    if distribution == "uniform":
+        half_width = math.sqrt(3.0) * std
+        return tensor.uniform_(-half_width, half_width, generator=generator)
+    rate = math.sqrt(2.0) / std  # Laplace(b) has variance 2 b^2: b = std / sqrt(2), exponentials of rate 1 / b
+    tensor.exponential_(rate, generator=generator)
+    return tensor.sub_(torch.empty_like(tensor).exponential_(rate, generator=generator))
+
+
+def perturb_weights_only(param: torch.Tensor) -> bool:
+    """'weights': matrices, convolutions and embeddings; leaves out every 0-d/1-d tensor
+    (biases, norm gains, logit_scale, class tokens), the tensors OpenCLIP also exempts from
+    weight decay."""
+    return param.ndim >= 2
+
+
+def capture_rng(cuda_devices):
+    return torch.get_rng_state(), [(device, torch.cuda.get_rng_state(device)) for device in cuda_devices]
+
+
+def restore_rng(state) -> None:
+    cpu_state, cuda_states = state
+    torch.set_rng_state(cpu_state)
+    for device, device_state in cuda_states:
+        torch.cuda.set_rng_state(device_state, device)
+
+
+class PerturbedOptimizer(torch.optim.Optimizer):
+    """A base optimizer's update from a gradient this optimizer assembles from its own passes
+    at perturbed weights. Shares `param_groups` and `state` with the base optimizer, so LR
+    schedulers, `zero_grad` and checkpoints treat it like the base optimizer."""
+
+    runs_closure = True
+    state_key = ""  # key of this optimizer's own entries in state_dict(); "" means none
+
+    def __init__(self, params, base_optimizer, ddp_model, base_kwargs):
+        if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
+            raise ValueError(f"{type(self).__name__}: base_optimizer must be an optimizer class such as "
+                             f"torch.optim.AdamW (its arguments go as keywords), got {base_optimizer!r}")
+        super().__init__(params, dict(base_kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self._share_base_state()
+        self.ddp_model = ddp_model
+        self.last_update = None
+        self._stats = {}
+        self._snapshot = []
+
+    def _share_base_state(self) -> None:
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults = self.base_optimizer.defaults
+
+    def add_param_group(self, param_group) -> None:
+        if hasattr(self, "base_optimizer"):
+            self.base_optimizer.add_param_group(param_group)  # the shared list grows for both
+        else:
+            super().add_param_group(param_group)
+
+    def state_dict(self):
+        state = self.base_optimizer.state_dict()
+        if self.state_key:
+            state[self.state_key] = self._own_state()
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        """Accepts our own state dicts and plain base-optimizer ones (own counters then stay as
+        they are)."""
+        state = dict(state_dict)
+        own = state.pop(self.state_key, None) if self.state_key else None
+        self.base_optimizer.load_state_dict(state)
+        self._share_base_state()  # torch rebuilds param_groups and state on load
+        if own is not None:
+            self._load_own_state(own)
+
+    def _own_state(self) -> dict:
+        return {}
+
+    def _load_own_state(self, own: dict) -> None:
+        pass
+
+    @property
+    def last_stats(self) -> dict:
+        """Floats for logging, converted only when asked (each conversion syncs a GPU)."""
+        stats = {name: float(value) for name, value in self._stats.items()}
+        if self.last_update is not None:
+            stats["grad_norm"] = float(self.last_update.grad_norm)
+        return stats
+
+    def _trainable(self):
+        """(index, param) for every trainable tensor; the index counts all tensors in the groups,
+        so freezing or excluding one never renumbers the others."""
+        params = (p for group in self.param_groups for p in group["params"])
+        return [(index, p) for index, p in enumerate(params) if p.requires_grad]
+
+    def _run_pass(self, closure, sync: bool) -> torch.Tensor:
+        """One forward + backward; without `sync` it runs entirely (forward included) inside
+        DDP's no_sync, so gradients only accumulate locally."""
+        if self.ddp_model is None or sync:
+            loss = closure()
+        else:
+            with self.ddp_model.no_sync():
+                loss = closure()
+        return loss.detach()
+
+    @torch.no_grad()
+    def _take_snapshot(self, params) -> None:
+        """Copy w into the one extra buffer, reused from step to step."""
+        if [(p.shape, p.dtype, p.device) for p in params] != [(s.shape, s.dtype, s.device) for s in self._snapshot]:
+            self._snapshot = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+        if params:
+            torch._foreach_copy_(self._snapshot, params)
+
+    @torch.no_grad()
+    def _restore_snapshot(self, params) -> None:
+        if params:
+            torch._foreach_copy_(params, self._snapshot)
+
+    @torch.no_grad()
+    def _scale_grads(self, factor: float) -> None:
+        grads = [p.grad for _, p in self._trainable() if p.grad is not None]
+        if grads and factor != 1.0:
+            torch._foreach_mul_(grads, factor)
+
+    @staticmethod
+    def _cuda_devices(params):
+        return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+
+    def _apply(self, grad_scaler, max_grad_norm):
+        self.last_update = apply_update(self.base_optimizer, grad_scaler, max_grad_norm)
+
+
+class NSO(PerturbedOptimizer):
+    """Noise Stability Optimization around any `torch.optim` optimizer (see the module docstring).
+
+    Beyond the pinned arguments: `sigma_schedule` ("constant", "linear", "exp") with
+    `sigma_ramp_steps` N, where at step t (0-based) u = min(1, (t + 1) / N) and
+    sigma_t = sigma * u (linear) or sigma * 0.01 ** (1 - u) (exp); N == 0 means no ramp.
+    `perturb`: "all" trainable tensors, "weights" (tensors with ndim >= 2: no biases, norms,
+    logit_scale), or a predicate `param -> bool`.
+    """
+
+    state_key = "nso"
+
+    def __init__(self, params, base_optimizer, *, sigma: float, num_perturbs: int = 1, two_point: bool = True,
+                 lam: float = 0.0, distribution: str = "normal", seed: int = 0, ddp_model=None,
+                 sigma_schedule: str = "constant", sigma_ramp_steps: int = 0,
+                 perturb: Union[str, Callable[[torch.Tensor], bool]] = "all", **base_optimizer_kwargs):
+        if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"NSO: sigma {sigma!r} must be a finite number >= 0")
+        if not isinstance(num_perturbs, numbers.Integral) or num_perturbs < 0:
+            raise ValueError(f"NSO: num_perturbs {num_perturbs!r} must be an integer >= 0")
+        if not isinstance(lam, numbers.Real) or not 0.0 <= lam <= 1.0:
+            raise ValueError(f"NSO: lam {lam!r} must be in [0, 1]")
+        if num_perturbs == 0 and lam == 0:
+            raise ValueError("NSO: num_perturbs 0 with lam 0 gives no gradient at all (raise either)")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"NSO: unknown distribution {distribution!r} (choose from {', '.join(DISTRIBUTIONS)})")
+        if sigma_schedule not in SIGMA_SCHEDULES:
+            raise ValueError(f"NSO: unknown sigma_schedule {sigma_schedule!r} "
+                             f"(choose from {', '.join(SIGMA_SCHEDULES)})")
+        if not isinstance(sigma_ramp_steps, numbers.Integral) or sigma_ramp_steps < 0:
+            raise ValueError(f"NSO: sigma_ramp_steps {sigma_ramp_steps!r} must be an integer >= 0")
+        if sigma_schedule != "constant" and sigma_ramp_steps == 0:
+            raise ValueError(f"NSO: sigma_schedule {sigma_schedule!r} needs sigma_ramp_steps > 0")
+        if not callable(perturb) and perturb not in PERTURB_CHOICES:
+            raise ValueError(f"NSO: perturb {perturb!r} must be 'all', 'weights' or a predicate param -> bool")
+        if not isinstance(seed, numbers.Integral):
+            raise ValueError(f"NSO: seed {seed!r} must be an integer")
+        super().__init__(params, base_optimizer, ddp_model, base_optimizer_kwargs)
+        self.sigma = float(sigma)
+        self.num_perturbs = int(num_perturbs)
+        self.two_point = bool(two_point)
+        self.lam = float(lam)
+        self.distribution = distribution
+        self.seed = int(seed)
+        self.sigma_schedule = sigma_schedule
+        self.sigma_ramp_steps = int(sigma_ramp_steps)
+        self.perturbs = {"all": lambda p: True, "weights": perturb_weights_only}.get(perturb, perturb)
+        self.step_count = 0
+        self._generators = {}
+
+    def sigma_at(self, step: int) -> float:
+        if self.sigma_schedule == "constant" or self.sigma_ramp_steps == 0:
+            return self.sigma
+        progress = min(1.0, (step + 1) / self.sigma_ramp_steps)
+        if self.sigma_schedule == "linear":
+            return self.sigma * progress
+        return self.sigma * EXP_RAMP_START ** (1.0 - progress)
+
+    @property
+    def perturbed_passes(self) -> int:
+        """Passes at perturbed weights per step; none when their weight (1 - lam) is zero."""
+        return 0 if self.lam == 1.0 else self.num_perturbs * (1 + self.two_point)
+
+    def _own_state(self) -> dict:
+        return {"seed": self.seed, "step": self.step_count}
+
+    def _load_own_state(self, own: dict) -> None:
+        self.seed = int(own["seed"])
+        self.step_count = int(own["step"])
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+    @torch.no_grad()
+    def _move_to_noisy_point(self, indexed_params, perturbation: int, sigma: float) -> None:
+        """w + e_i: noise drawn straight into each parameter, then the snapshot added."""
+        for (index, param), weights in zip(indexed_params, self._snapshot):
+            generator = self._generator(param.device)
+            generator.manual_seed(noise_seed(self.seed, self.step_count, perturbation, index))
+            fill_noise_(param, self.distribution, sigma, generator).add_(weights)
+
+    @torch.no_grad()
+    def _reflect_through_snapshot(self, params) -> None:
+        """(w + e) -> w - e, computed as w + 2 (w - (w + e)): no second draw, no noise buffer."""
+        torch._foreach_lerp_(params, self._snapshot, 2.0)
+
+    def step(self, closure, *, grad_scaler=None, max_grad_norm: Optional[float] = None) -> torch.Tensor:
+        if closure is None:
+            raise ValueError("NSO.step needs a closure that runs forward + backward and returns the loss")
+        indexed = [(index, p) for index, p in self._trainable() if self.perturbs(p)]
+        perturbed = [p for _, p in indexed]
+        sigma = self.sigma_at(self.step_count)
+        perturbed_passes = self.perturbed_passes
+        passes_left = (self.lam > 0) + perturbed_passes
+        perturbed_weight = (1.0 - self.lam) / perturbed_passes if perturbed_passes else 0.0
+        self.zero_grad(set_to_none=True)
+        self._stats = {"sigma": sigma}
+
+        if self.lam > 0:
+            passes_left -= 1
+            clean_loss = self._run_pass(closure, sync=passes_left == 0)
+            self._stats["clean_loss"] = clean_loss
+            # .grad now holds lam * grad L(w) / perturbed_weight, so that one final scaling by
+            # perturbed_weight gives the weighted sum without a separate accumulator.
+            if perturbed_passes:
+                self._scale_grads(self.lam / perturbed_weight)
+        losses = []
+        if perturbed_passes:
+            self._take_snapshot(perturbed)
+            cuda_devices = self._cuda_devices(perturbed)
+            for perturbation in range(self.num_perturbs):
+                self._move_to_noisy_point(indexed, perturbation, sigma)
+                rng = capture_rng(cuda_devices) if self.two_point else None
+                passes_left -= 1
+                losses.append(self._run_pass(closure, sync=passes_left == 0))
+                if self.two_point:
+                    self._reflect_through_snapshot(perturbed)
+                    restore_rng(rng)  # dropout masks repeat, so the pair stays antithetic
+                    passes_left -= 1
+                    losses.append(self._run_pass(closure, sync=passes_left == 0))
+            self._restore_snapshot(perturbed)
+            self._scale_grads(perturbed_weight)
+            loss = torch.stack(losses).mean()
+            self._stats["perturbed_loss"] = loss
+        else:
+            loss = clean_loss
+        self.step_count += 1
+        self._apply(grad_scaler, max_grad_norm)
+        return loss

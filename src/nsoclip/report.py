@@ -1,0 +1,540 @@
+"""Comparison report over run folders: `python -m nsoclip.report RUN_DIR [RUN_DIR ...] --output DIR`.
+
+Reads each run's results.jsonl, zeroshot*.json, TensorBoard scalars, hessian*.json and params.txt; writes
+report.md (tables, commands, settings) with PNG plots. Every number that has a standard error is
+shown with it, and a difference between two runs is called significant only when it exceeds two
+combined standard errors, sqrt(se1^2 + se2^2): the report never names a winner the error bars do
+not support. The first run is the baseline the others are compared to.
+"""
+import argparse
+import json
+import math
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+SIGNIFICANCE = 2.0  # standard errors a difference must exceed
+ZEROSHOT_SUFFIX = "-zeroshot-val-top1"
+TOWERS = ("visual", "text", "other")
+# Shown for every run whatever differs; other params.txt entries only where the runs differ.
+KEY_SETTINGS = ("model", "opt", "nso_sigma", "nso_num_perturbs", "nso_two_point", "nso_lam", "sam_rho",
+                "batch_size", "lr", "wd", "warmup", "epochs", "precision", "seed", "train_num_samples")
+NOT_SETTINGS = ("name",)
+
+
+class ReportError(ValueError):
+    """A run folder or one of its files cannot be read; the CLI prints it as one line."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: Optional[float]
+    stderr: Optional[float] = None
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    results: List[dict] = field(default_factory=list)
+    scalars: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
+    hessian: Optional[dict] = None
+    hessian_source: Optional[str] = None
+    params: Dict[str, str] = field(default_factory=dict)
+
+
+def number(value) -> Optional[float]:
+    """A finite float, or None for anything else (missing, null, NaN, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading run folders
+
+def read_results(path: Path) -> List[dict]:
+    records = []
+    if not path.is_file():
+        return records
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ReportError(f"{path}:{line_number}: not a JSON object ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ReportError(f"{path}:{line_number}: not a JSON object")
+        records.append(record)
+    return records
+
+
+def read_scalars(tensorboard_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
+    """All scalars of every event-file folder below tensorboard_dir, by tag, sorted by step. When a
+    requeued run logs a step again, the value written last wins."""
+    if not tensorboard_dir.is_dir():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    folders = sorted({event_file.parent for event_file in tensorboard_dir.rglob("events.out.tfevents*")})
+    by_tag: Dict[str, Dict[int, float]] = {}
+    for folder in folders:
+        accumulator = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()[SCALARS]:
+            for event in accumulator.Scalars(tag):
+                by_tag.setdefault(tag, {})[event.step] = event.value
+    return {tag: sorted(values.items()) for tag, values in by_tag.items()}
+
+
+def read_standalone_evaluations(run_dir: Path) -> List[dict]:
+    """zeroshot*.json files (`nsoclip.zeroshot --output`, as scripts/zeroshot_imagenet.sh names them),
+    oldest first. They count as later than results.jsonl: they evaluate checkpoints after training."""
+    records = []
+    for path in sorted(run_dir.glob("zeroshot*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
+        try:
+            metrics = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ReportError(f"{path}: not valid JSON ({error.msg})") from None
+        if not isinstance(metrics, dict):
+            raise ReportError(f"{path}: expected a JSON object")
+        records.append(metrics)
+    return records
+
+
+def read_hessian(run_dir: Path, results: List[dict]) -> Tuple[Optional[dict], Optional[str]]:
+    """The newest hessian*.json of the run (written by `nsoclip.hessian --hessian-output`); else the
+    last Hessian measured during training (--hessian-frequency) from results.jsonl."""
+    files = sorted(run_dir.glob("hessian*.json"), key=lambda p: (p.stat().st_mtime, p.name))
+    if files:
+        try:
+            report = json.loads(files[-1].read_text())
+        except json.JSONDecodeError as error:
+            raise ReportError(f"{files[-1]}: not valid JSON ({error.msg})") from None
+        if not isinstance(report, dict):
+            raise ReportError(f"{files[-1]}: expected a JSON object")
+        return report, files[-1].name
+    for record in reversed(results):
+        if "hessian/trace" in record:
+            towers = {tower: record[f"hessian/trace_{tower}"] for tower in TOWERS
+                      if f"hessian/trace_{tower}" in record}
+            eigenvalue = record.get("hessian/top_eigenvalue")
+            return ({"trace": record["hessian/trace"], "stderr": record.get("hessian/trace_stderr"),
+                     "per_tower": towers, "top_eigenvalues": [] if eigenvalue is None else [eigenvalue]},
+                    f"results.jsonl (epoch {record.get('epoch', '?')})")
+    return None, None
+
+
+def read_params(path: Path) -> Dict[str, str]:
+    params = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            name, separator, value = line.partition(": ")
+            if separator:
+                params[name.strip()] = value.strip()
+    return params
+
+
+def load_run(path, name: str) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path}: no such run folder")
+    results = read_results(path / "results.jsonl") + read_standalone_evaluations(path)
+    hessian, source = read_hessian(path, results)
+    run = Run(name=name, path=path, results=results, scalars=read_scalars(path / "tensorboard"),
+              hessian=hessian, hessian_source=source, params=read_params(path / "params.txt"))
+    if not (run.results or run.scalars or run.hessian or run.params):
+        raise ReportError(f"{path}: no results.jsonl, tensorboard/ events, hessian*.json, zeroshot*.json "
+                          "or params.txt")
+    return run
+
+
+def run_names(paths: Sequence[Path]) -> List[str]:
+    """Folder names, or the paths as given where two runs share a folder name."""
+    names = [Path(p).name or str(p) for p in paths]
+    return [name if names.count(name) == 1 else str(p) for name, p in zip(names, paths)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+
+def last_result(run: Run, key: str) -> Optional[float]:
+    for record in reversed(run.results):
+        if key in record:
+            return number(record[key])
+    return None
+
+
+def zeroshot_keys(runs: Sequence[Run]) -> List[str]:
+    return sorted({key for run in runs for record in run.results for key in record if key.endswith(ZEROSHOT_SUFFIX)})
+
+
+def final_scalar(run: Run, tag: str) -> Optional[float]:
+    values = run.scalars.get(tag)
+    return number(values[-1][1]) if values else None
+
+
+def step_time(run: Run) -> Estimate:
+    """Mean wall time per optimizer step over the logged windows, with its standard error. The
+    first window (start-up, compilation, first data) is left out when three or more were logged."""
+    values = [v for _, v in run.scalars.get("train/step_time", []) if number(v) is not None]
+    if len(values) >= 3:
+        values = values[1:]
+    return mean_estimate(values)
+
+
+def mean_estimate(values: Sequence[float]) -> Estimate:
+    if not values:
+        return Estimate(None)
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return Estimate(mean)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return Estimate(mean, math.sqrt(variance / len(values)))
+
+
+def traces_with_errors(hessian: dict, key: str) -> Dict[str, Estimate]:
+    """{group: Estimate} from `key` (floats, or dicts with trace/mean and stderr) and `key_stderr`."""
+    groups = hessian.get(key)
+    if not isinstance(groups, dict):
+        return {}
+    errors = hessian.get(f"{key}_stderr") if isinstance(hessian.get(f"{key}_stderr"), dict) else {}
+    estimates = {}
+    for group, entry in groups.items():
+        if isinstance(entry, dict):
+            value = entry.get("trace", entry.get("mean"))
+            estimates[group] = Estimate(number(value), number(entry.get("stderr")))
+        else:
+            estimates[group] = Estimate(number(entry), number(errors.get(group)))
+    return estimates
+
+
+def tower_traces(hessian: dict) -> Dict[str, Estimate]:
+    towers = traces_with_errors(hessian, "per_tower")
+    if towers:
+        return towers
+    blocks = traces_with_errors(hessian, "per_block")
+    if not blocks:
+        return {}
+    from .hessian import tower_of
+
+    sums: Dict[str, float] = {}
+    for block, estimate in blocks.items():
+        if estimate.value is not None:
+            sums[tower_of(block)] = sums.get(tower_of(block), 0.0) + estimate.value
+    # Block estimates share their probes, so their errors are correlated: no standard error here.
+    return {tower: Estimate(value) for tower, value in sums.items()}
+
+
+def noise_stability(hessian: dict) -> Dict[str, Estimate]:
+    """{sigma as text: Estimate} from a list of {"sigma", "mean", "stderr"} (nsoclip.hessian) or a
+    mapping {sigma: {"mean", "stderr"}} / {sigma: value}."""
+    entries = hessian.get("noise_stability")
+    if isinstance(entries, list):
+        pairs = [(entry.get("sigma"), entry) for entry in entries if isinstance(entry, dict)]
+    elif isinstance(entries, dict):
+        pairs = list(entries.items())
+    else:
+        return {}
+    stability = {}
+    for sigma, entry in pairs:
+        try:
+            label = f"{float(sigma):g}"
+        except (TypeError, ValueError):
+            continue
+        if isinstance(entry, dict):
+            stability[label] = Estimate(number(entry.get("mean")), number(entry.get("stderr")))
+        else:
+            stability[label] = Estimate(number(entry))
+    return stability
+
+
+def top_eigenvalue(hessian: dict) -> Optional[float]:
+    raw = hessian.get("top_eigenvalues")
+    eigenvalues = [number(v) for v in (raw if isinstance(raw, list) else [raw]) if number(v) is not None]
+    return max(eigenvalues) if eigenvalues else None
+
+
+def compare(what: str, baseline: str, base: Estimate, name: str, other: Estimate) -> str:
+    """One line: the difference other - base with its combined standard error and the verdict of
+    the two-standard-error rule."""
+    head = f"{name} vs {baseline} {what} difference:"
+    if base.value is None or other.value is None:
+        return f"{head} n/a (missing in {baseline if base.value is None else name})"
+    difference = other.value - base.value
+    if base.stderr is None or other.stderr is None:
+        return f"{head} {difference:+.3g} ± n/a (no error bar: not tested)"
+    combined = math.hypot(base.stderr, other.stderr)
+    if abs(difference) > SIGNIFICANCE * combined:
+        verdict = f"significant: {name} is {'lower' if difference < 0 else 'higher'}"
+    else:
+        verdict = "not significant"
+    return f"{head} {difference:+.3g} ± {combined:.2g} ({verdict})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+
+def fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def fmt_estimate(estimate: Estimate) -> str:
+    if estimate.value is None:
+        return "n/a"
+    return f"{estimate.value:.4g} ± {'n/a' if estimate.stderr is None else f'{estimate.stderr:.2g}'}"
+
+
+def fmt_percent(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def natural_key(text: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib's Agg canvas through Figure: no display, no pyplot global state)
+
+def new_figure(width: float = 7.0, height: float = 4.0):
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(width, height), dpi=100)
+    return figure, figure.add_subplot()
+
+
+def plot_training_loss(runs: Sequence[Run], path: Path) -> bool:
+    curves = [(run.name, run.scalars["train/loss"]) for run in runs if run.scalars.get("train/loss")]
+    if not curves:
+        return False
+    figure, axes = new_figure()
+    for name, points in curves:
+        axes.plot([s for s, _ in points], [v for _, v in points], marker=".", label=name)
+    axes.set(xlabel="optimizer step", ylabel="training loss (mean over ranks)", title="Training loss")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
+def plot_zeroshot(runs: Sequence[Run], keys: Sequence[str], path: Path) -> bool:
+    curves = []
+    for run in runs:
+        for key in keys:
+            by_epoch = {record["epoch"]: number(record[key]) for record in run.results
+                        if key in record and number(record.get("epoch")) is not None and number(record[key]) is not None}
+            if by_epoch:
+                label = run.name if len(keys) == 1 else f"{run.name}: {key[:-len(ZEROSHOT_SUFFIX)]}"
+                curves.append((label, sorted(by_epoch.items())))
+    if not curves:
+        return False
+    figure, axes = new_figure()
+    for label, points in curves:
+        axes.plot([e for e, _ in points], [100 * v for _, v in points], marker="o", label=label)
+    axes.set(xlabel="epoch", ylabel="zero-shot top-1 (%)", title="Zero-shot accuracy")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
+def plot_hessian_blocks(runs: Sequence[Run], path: Path) -> bool:
+    per_run = [(run.name, traces_with_errors(run.hessian, "per_block")) for run in runs if run.hessian]
+    per_run = [(name, blocks) for name, blocks in per_run if blocks]
+    if not per_run:
+        return False
+    # Visual tower first, then the text tower, then the rest (logit_scale), blocks in numeric order.
+    blocks = sorted({block for _, estimates in per_run for block in estimates},
+                    key=lambda b: (not b.startswith("visual"), b == "other", natural_key(b)))
+    width = 0.8 / len(per_run)
+    figure, axes = new_figure(width=max(7.0, 0.45 * len(blocks) * max(1, len(per_run) / 2)), height=4.5)
+    for index, (name, estimates) in enumerate(per_run):
+        positions = [b + (index - (len(per_run) - 1) / 2) * width for b in range(len(blocks))]
+        values = [estimates.get(block, Estimate(None)).value for block in blocks]
+        errors = [estimates.get(block, Estimate(None)).stderr for block in blocks]
+        has_errors = any(e is not None for e in errors)
+        axes.bar(positions, [v if v is not None else math.nan for v in values], width, capsize=2, label=name,
+                 yerr=[e if e is not None else 0.0 for e in errors] if has_errors else None)
+    axes.set_xticks(range(len(blocks)), blocks, rotation=60, ha="right", fontsize=8)
+    axes.set(ylabel="Hessian trace of the block", title="Per-block Hessian trace (± standard error)")
+    axes.axhline(0.0, color="black", linewidth=0.5)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+def summary_section(runs: Sequence[Run], keys: Sequence[str]) -> List[str]:
+    has_val_loss = any(last_result(run, "clip_val_loss") is not None for run in runs)
+    header = ["Run", *(f"{key[:-len(ZEROSHOT_SUFFIX)]} zero-shot top-1 (last)" for key in keys),
+              "final training loss", *(["clip val loss (last)"] if has_val_loss else []), "wall time per step (s)"]
+    rows = []
+    for run in runs:
+        rows.append([run.name, *(fmt_percent(last_result(run, key)) for key in keys),
+                     fmt(final_scalar(run, "train/loss")),
+                     *([fmt(last_result(run, "clip_val_loss"))] if has_val_loss else []),
+                     fmt_estimate(step_time(run))])
+    if not keys:
+        header.insert(1, "zero-shot top-1 (last)")
+        for row in rows:
+            row.insert(1, "n/a")
+    return ["## Summary", "", *table(header, rows),
+            "Zero-shot accuracy and losses are single evaluations without error bars; the report does not "
+            "test their differences. Wall time per step: mean over the logged windows (the first left out "
+            "when three or more) ± standard error.", ""]
+
+
+def flatness_section(runs: Sequence[Run]) -> List[str]:
+    sigmas = sorted({s for run in runs if run.hessian for s in noise_stability(run.hessian)}, key=float)
+    header = ["Run", "Hessian trace", *(f"{tower} trace" for tower in TOWERS), "top eigenvalue",
+              *(f"noise stability σ={s}" for s in sigmas), "source"]
+    rows = []
+    for run in runs:
+        hessian = run.hessian or {}
+        towers = tower_traces(hessian)
+        stability = noise_stability(hessian)
+        rows.append([run.name, fmt_estimate(Estimate(number(hessian.get("trace")), number(hessian.get("stderr")))),
+                     *(fmt_estimate(towers.get(tower, Estimate(None))) for tower in TOWERS),
+                     fmt(top_eigenvalue(hessian)),
+                     *(fmt_estimate(stability.get(s, Estimate(None))) for s in sigmas),
+                     run.hessian_source or "n/a"])
+    return ["## Flatness", "", *table(header, rows),
+            "Traces are Hutchinson/Hutch++ estimates ± standard error; noise stability is "
+            "E[L(w+e)] - L(w), e ~ N(0, σ²I), ± standard error over draws. Tower traces summed from "
+            "per-block traces carry no error bar (the blocks share probes).", ""]
+
+
+def comparison_section(runs: Sequence[Run]) -> List[str]:
+    lines = ["## Comparisons", "",
+             f"Each run against the baseline `{runs[0].name}`: difference ± combined standard error "
+             f"sqrt(se1² + se2²); significant only when |difference| > {SIGNIFICANCE:g} × combined standard error.", ""]
+    if len(runs) < 2:
+        return lines + ["n/a (one run)", ""]
+    base = runs[0]
+    base_hessian = base.hessian or {}
+    for run in runs[1:]:
+        hessian = run.hessian or {}
+        pairs = [("Hessian trace", Estimate(number(base_hessian.get("trace")), number(base_hessian.get("stderr"))),
+                  Estimate(number(hessian.get("trace")), number(hessian.get("stderr"))))]
+        base_towers, towers = tower_traces(base_hessian), tower_traces(hessian)
+        pairs += [(f"{tower} trace", base_towers[tower], towers[tower]) for tower in TOWERS
+                  if tower in base_towers and tower in towers]
+        base_stability, stability = noise_stability(base_hessian), noise_stability(hessian)
+        pairs += [(f"noise stability (σ={s})", base_stability[s], stability[s])
+                  for s in sorted(set(base_stability) & set(stability), key=float)]
+        pairs.append(("wall time per step", step_time(base), step_time(run)))
+        lines += [f"- {compare(what, base.name, a, run.name, b)}" for what, a, b in pairs]
+    return lines + [""]
+
+
+def plots_section(output_dir: Path, runs: Sequence[Run], keys: Sequence[str]) -> List[str]:
+    plots = [("Training loss vs step", "train_loss.png", lambda p: plot_training_loss(runs, p),
+              "no train/loss scalars"),
+             ("Zero-shot accuracy vs epoch", "zeroshot_accuracy.png", lambda p: plot_zeroshot(runs, keys, p),
+              "no *-zeroshot-val-top1 results"),
+             ("Per-block Hessian trace", "hessian_blocks.png", lambda p: plot_hessian_blocks(runs, p),
+              "no per_block traces")]
+    lines = ["## Plots", ""]
+    for title, filename, draw, missing in plots:
+        path = output_dir / filename
+        if draw(path):
+            lines += [f"![{title}]({filename})", ""]
+        else:
+            path.unlink(missing_ok=True)
+            lines += [f"{title}: n/a ({missing} in any run)", ""]
+    return lines
+
+
+def commands_section(commands) -> List[str]:
+    if not commands:
+        return []
+    items = commands.items() if isinstance(commands, Mapping) else [(None, c) for c in commands]
+    lines = ["## Commands", ""]
+    for label, command in items:
+        text = command if isinstance(command, str) else shlex.join(str(word) for word in command)
+        if label is not None:
+            lines.append(f"{label}:")
+            lines.append("")
+        lines += ["```bash", text, "```", ""]
+    return lines
+
+
+def settings_section(settings) -> List[str]:
+    if not settings:
+        return []
+    return ["## Settings", "", *table(["setting", "value"], [[k, v] for k, v in settings.items()])]
+
+
+def run_settings_section(runs: Sequence[Run]) -> List[str]:
+    if not any(run.params for run in runs):
+        return ["## Run settings (params.txt)", "", "n/a (no params.txt in any run)", ""]
+    names = set().union(*(run.params for run in runs))
+    differing = {n for n in names if len({run.params.get(n) for run in runs}) > 1}
+    shown = [n for n in KEY_SETTINGS if n in names] + sorted(differing - set(KEY_SETTINGS) - set(NOT_SETTINGS))
+    rows = [[n, *(run.params.get(n, "n/a") for run in runs)] for n in shown]
+    return ["## Run settings (params.txt)", "",
+            "The main settings, then every other one that differs between runs.", "",
+            *table(["setting", *(run.name for run in runs)], rows)]
+
+
+def write_report(run_dirs: Sequence, output_dir, commands=None, settings=None) -> Path:
+    """Write output_dir/report.md and its PNG plots for these run folders (the first is the
+    baseline of the comparisons); `commands` ({label: command} or a list; a command is a string
+    or an argv list) and `settings` ({name: value}) are shown as given. Returns report.md's path."""
+    if not run_dirs:
+        raise ReportError("no run folders given")
+    paths = [Path(p) for p in run_dirs]
+    runs = [load_run(path, name) for path, name in zip(paths, run_names(paths))]
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    keys = zeroshot_keys(runs)
+    lines = ["# nsoclip comparison report", "",
+             *(f"- `{run.name}`: {run.path}" for run in runs), "",
+             *summary_section(runs, keys), *flatness_section(runs), *comparison_section(runs),
+             *plots_section(output_dir, runs, keys), *commands_section(commands), *settings_section(settings),
+             *run_settings_section(runs)]
+    report = output_dir / "report.md"
+    report.write_text("\n".join(lines).rstrip("\n") + "\n")
+    return report
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m nsoclip.report",
+                    description="Compare runs: table with error bars, significance at two standard errors, plots.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="Run folders ({logs}/{name}); the first is the baseline of the comparisons.")
+    parser.add_argument("--output", required=True, help="Folder for report.md and the PNG plots.")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        report = write_report(args.run_dirs, args.output)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Sharpness-Aware Minimization (SAM, and ASAM with `adaptive=True`): the baseline NSO is compared
+with, under the same contract as `nsoclip.nso.NSO` (closure-driven step, shared param_groups,
+unscale / clip / skip through `nsoclip.optim.apply_update`, one snapshot of w, exact restore).
+
+    e = rho * T^2 g / ||T g||   (T = |w| elementwise for ASAM, the identity for SAM; g = grad L(w))
+    update from grad L(w + e), applied at w
+
+`ascent` chooses which g:
+- "local": each rank's own gradient; the ascent pass runs under DDP's no_sync, so one gradient
+  all-reduce per step. Ranks then perturb differently (SAM's m-sharpness with m = the per-rank
+  batch): with a gathered contrastive loss, the descent-pass loss mixes features computed at
+  different weights, and results depend on the world size.
+- "global": the all-reduced gradient, so every rank uses the same e and the step equals a
+  single-process step on the global batch, at the price of a second all-reduce.
+"""
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from .nso import PerturbedOptimizer, capture_rng, restore_rng
+
+ASCENTS = ("local", "global")
+
+
+class SAM(PerturbedOptimizer):
+    def __init__(self, params, base_optimizer, *, rho: float = 0.05, adaptive: bool = False,
+                 ascent: str = "local", ddp_model=None, **base_optimizer_kwargs):
+        if not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho < 0:
+            raise ValueError(f"SAM: rho {rho!r} must be a finite number >= 0")
+        if ascent not in ASCENTS:
+            raise ValueError(f"SAM: unknown ascent {ascent!r} (choose from {', '.join(ASCENTS)})")
+        super().__init__(params, base_optimizer, ddp_model, base_optimizer_kwargs)
+        self.rho = float(rho)
+        self.adaptive = bool(adaptive)
+        self.ascent = ascent
+
+    @torch.no_grad()
+    def _ascend(self, params) -> None:
+        """w -> w + e. A non-finite gradient (fp16 overflow) makes e NaN on purpose: the descent
+        gradient turns NaN, the all-reduce carries it to every rank, and all ranks skip the step
+        and back off the loss scale together, without an extra collective or a host sync."""
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            return
+        if self.adaptive:
+            norms = [torch.linalg.vector_norm(p.grad * p.abs()) for p in with_grad]
+        else:
+            norms = [torch.linalg.vector_norm(p.grad) for p in with_grad]
+        scale = self.rho / (torch.linalg.vector_norm(torch.stack(norms)) + 1e-12)
+        for p in with_grad:
+            direction = p.grad * p * p if self.adaptive else p.grad
+            p.addcmul_(direction, scale.to(p.dtype))
+
+    def step(self, closure, *, grad_scaler=None, max_grad_norm: Optional[float] = None) -> torch.Tensor:
+        if closure is None:
+            raise ValueError("SAM.step needs a closure that runs forward + backward and returns the loss")
+        params = [p for _, p in self._trainable()]
+        self.zero_grad(set_to_none=True)
+        rng = capture_rng(self._cuda_devices(params))
+        clean_loss = self._run_pass(closure, sync=self.ascent == "global")
+        self._take_snapshot(params)
+        self._ascend(params)
+        self.zero_grad(set_to_none=True)
+        restore_rng(rng)  # the descent pass sees the dropout masks the ascent was computed for
+        perturbed_loss = self._run_pass(closure, sync=True)
+        self._restore_snapshot(params)
+        self._stats = {"rho": self.rho, "clean_loss": clean_loss, "perturbed_loss": perturbed_loss}
+        self._apply(grad_scaler, max_grad_norm)
+        return perturbed_loss

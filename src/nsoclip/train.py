@@ -1,0 +1,183 @@
+"""One training epoch, read top to bottom: fetch `accum_freq` batches, build the closure that
+computes the contrastive loss and its gradient, hand it to the optimizer, log, checkpoint.
+
+The loop does not know how NSO or SAM form their gradient: it only builds the closure and calls
+`take_step`. The closure runs forward and backward at whatever weights the optimizer has set."""
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .distributed import World, all_reduce_mean, all_reduce_sum
+from .optim import take_step
+from .precision import autocast, input_dtype
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (too many non-finite steps); the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """Everything a training step touches, built once by main()."""
+    args: object
+    world: World
+    model: torch.nn.Module           # the bare open_clip model (saved, evaluated)
+    ddp_model: Optional[torch.nn.Module]  # its DDP wrapper when distributed
+    loss: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    schedule: object
+    checkpoints: object
+    metrics: object
+    step: int = 0
+    nonfinite_streak: int = 0
+    nonfinite_total: int = 0
+    stop_requested: bool = False
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def forward_model(self):
+        return self.ddp_model if self.ddp_model is not None else self.model
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+def to_device(batch, world: World, precision: str):
+    images, texts = batch
+    images = images.to(device=world.device, dtype=input_dtype(precision), non_blocking=True)
+    return images, texts.to(device=world.device, non_blocking=True)
+
+
+def make_closure(run: Run, micro_batches):
+    """Forward + backward of the contrastive loss over the whole accumulated batch.
+
+    With accum_freq > 1 this follows OpenCLIP's feature caching: features of every micro-batch are
+    computed without gradient, then each micro-batch is recomputed with gradient and the loss is
+    taken over all cached features, so the contrastive loss sees the whole accumulated batch.
+    Unlike OpenCLIP, logit_scale carries gradient in one micro-batch only, so the sum of the
+    micro-batch gradients is exactly the gradient of the full-batch loss. All micro-batches but
+    the last run under DDP's no_sync: gradients are reduced once per step."""
+    args, model, loss = run.args, run.forward_model, run.loss
+    scaler, ddp = run.scaler, run.ddp_model
+
+    def backward(value):
+        (scaler.scale(value) if scaler is not None else value).backward()
+
+    def closure():
+        if len(micro_batches) == 1:
+            images, texts = micro_batches[0]
+            with autocast(args.precision, run.world.device):
+                total = loss(**model(images, texts))
+            backward(total)
+            return total.detach()
+        with torch.no_grad(), autocast(args.precision, run.world.device):
+            cached = [unwrap(model)(images, texts) for images, texts in micro_batches]
+        last = len(micro_batches) - 1
+        for j, (images, texts) in enumerate(micro_batches):
+            sync = ddp.no_sync() if ddp is not None and j < last else contextlib.nullcontext()
+            with sync:
+                with autocast(args.precision, run.world.device):
+                    out = model(images, texts)
+                    features = {
+                        key: torch.cat([out[key] if m == j else c[key] for m, c in enumerate(cached)])
+                        for key in ("image_features", "text_features")
+                    }
+                    extras = {key: (out[key] if j == last else out[key].detach())
+                              for key in ("logit_scale", "logit_bias") if out.get(key) is not None}
+                    total = loss(**features, **extras)
+                backward(total)
+        return total.detach()
+
+    return closure
+
+
+def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0):
+    args, world = run.args, run.world
+    accum = args.accum_freq
+    steps_per_epoch = data.num_batches // accum
+    run.forward_model.train()
+    data.set_position(epoch, start_batch)
+    batches = iter(data.dataloader)
+    global_batch = args.batch_size * world.world_size * accum
+    window = {"loss": [], "data_time": 0.0, "step_time": 0.0, "steps": 0}
+    tick = time.perf_counter()
+
+    for step_in_epoch in range(start_batch // accum, steps_per_epoch):
+        micro_batches = [to_device(next(batches), world, args.precision) for _ in range(accum)]
+        data_time = time.perf_counter() - tick
+        lr = run.schedule(run.step)
+
+        loss, update = take_step(run.optimizer, make_closure(run, micro_batches), run.scaler, args.grad_clip_norm)
+        with torch.no_grad():
+            unwrap(run.model).logit_scale.clamp_(0, math.log(100))
+        run.step += 1
+        track_nonfinite(run, update.applied)
+
+        window["loss"].append(loss)
+        window["data_time"] += data_time
+        window["step_time"] += time.perf_counter() - tick
+        window["steps"] += 1
+        batches_done = (step_in_epoch + 1) * accum
+        last = step_in_epoch + 1 == steps_per_epoch
+        if run.step % args.log_every_n_steps == 0 or last:
+            log_window(run, window, epoch, step_in_epoch + 1, steps_per_epoch, lr, update, global_batch, data)
+            window = {"loss": [], "data_time": 0.0, "step_time": 0.0, "steps": 0}
+            if stop_agreed(run) and not last:
+                run.checkpoints.save_step(run, epoch, batches_done)
+                return False
+        if args.save_every_n_steps and run.step % args.save_every_n_steps == 0 and not last:
+            run.checkpoints.save_step(run, epoch, batches_done)
+        tick = time.perf_counter()
+    return True
+
+
+def stop_agreed(run: Run) -> bool:
+    """A stop request (SIGTERM) may reach ranks at different steps: they agree at log steps, which
+    every rank reaches together, so all stop after the same step."""
+    flag = torch.tensor([float(run.stop_requested)], device=run.world.device)
+    return all_reduce_sum(flag).item() > 0
+
+
+def track_nonfinite(run: Run, applied: bool):
+    """Gradients are identical on every rank after the all-reduce, so every rank skips alike."""
+    if applied:
+        run.nonfinite_streak = 0
+        return
+    run.nonfinite_streak += 1
+    run.nonfinite_total += 1
+    logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                    run.step, run.nonfinite_streak)
+    if run.nonfinite_streak >= run.args.max_nonfinite_steps:
+        raise TrainingError(f"{run.nonfinite_streak} consecutive steps with a non-finite loss or gradient "
+                            f"(--max-nonfinite-steps {run.args.max_nonfinite_steps}) at step {run.step}; "
+                            "the last good checkpoint is kept")
+
+
+def log_window(run: Run, window, epoch, step_in_epoch, steps_per_epoch, lr, update, global_batch, data):
+    """Log the loss averaged over the window and over all ranks (OpenCLIP logs rank 0's only)."""
+    world = run.world
+    loss = all_reduce_mean(torch.stack(window["loss"]).float().mean().reshape(1)).item()
+    steps = window["steps"]
+    step_time = window["step_time"] / steps
+    metrics = {
+        "loss": loss,
+        "lr": lr,
+        "scale": unwrap(run.model).logit_scale.exp().item(),
+        "grad_norm": update.grad_norm.item(),
+        "step_time": step_time,
+        "data_time": window["data_time"] / steps,
+        "samples_per_second": global_batch / step_time,
+        "samples_per_second_per_gpu": global_batch / step_time / world.world_size,
+        "nonfinite_steps": run.nonfinite_total,
+    }
+    metrics.update(getattr(run.optimizer, "last_stats", None) or {})
+    if data.bad_sample_counts is not None:
+        metrics.update({f"bad_samples/{k}": v for k, v in data.bad_sample_counts().items()})
+    run.metrics.log_train(metrics, step=run.step, epoch=epoch, progress=(step_in_epoch, steps_per_epoch))

@@ -11,6 +11,7 @@ world size: 2 ranks x B/2 see exactly what 1 rank x B sees, and a run can resume
 size. Random augmentations are seeded per sample from (seed, epoch, index) for the same reason.
 """
 import csv
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .distributed import World
 
@@ -80,13 +81,16 @@ class GlobalBatchSampler(Sampler):
 
 
 def seeded(transform, seed: int, image):
-    """Apply a torchvision transform with its randomness fixed by `seed` (torch RNG only)."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
+    """Apply a torchvision transform with its randomness fixed by `seed`. Torchvision draws from
+    the CPU default generator; seeding only that one (not every device, as torch.manual_seed
+    does) keeps this cheap, and restoring it leaves the caller's random stream untouched."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
     try:
         return transform(image)
     finally:
-        torch.set_rng_state(state)
+        generator.set_state(state)
 
 
 class SyntheticDataset(Dataset):
@@ -111,7 +115,8 @@ class SyntheticDataset(Dataset):
 class CsvDataset(Dataset):
     """OpenCLIP's csv format: one row per sample, an image path column and a caption column."""
 
-    def __init__(self, path: str, transform, tokenizer, img_key: str, caption_key: str, sep: str):
+    def __init__(self, path: str, transform, tokenizer, img_key: str, caption_key: str, sep: str,
+                 skip_unreadable: bool = False):
         if not os.path.isfile(path):
             raise DataError(f"csv {path}: file not found")
         with open(path, newline="", encoding="utf-8") as f:
@@ -127,6 +132,7 @@ class CsvDataset(Dataset):
         root = os.path.dirname(os.path.abspath(path))
         self.samples = [(p if os.path.isabs(p) or os.path.exists(p) else os.path.join(root, p), c) for p, c in rows]
         self.path, self.transform, self.tokenizer = path, transform, tokenizer
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self):
         return len(self.samples)
@@ -138,7 +144,11 @@ class CsvDataset(Dataset):
             image = Image.open(image_path)
             image.load()
         except (OSError, ValueError) as error:
-            raise DataError(f"csv {self.path}: row {index}: cannot read image {image_path} ({error})") from None
+            message = f"csv {self.path}: row {index}: cannot read image {image_path} ({error})"
+            if self.skip_unreadable:
+                logging.warning("%s: skipped", message)
+                return None
+            raise DataError(message) from None
         return seeded(self.transform, seed, image), self.tokenizer([caption])[0]
 
 
@@ -150,18 +160,32 @@ def image_size_of(preprocess) -> int:
     raise DataError("cannot find the image size in the preprocessing transform")
 
 
+def collate_readable(samples):
+    """Validation keeps going past unreadable images (training stops: every rank's batch must be
+    full); the metrics' num_samples shows how many were scored."""
+    readable = [s for s in samples if s is not None]
+    if not readable:
+        raise DataError("a whole validation batch of unreadable images")
+    return default_collate(readable)
+
+
 def map_style_data(dataset, args, world: World, train: bool) -> DataInfo:
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, world, args.seed, train)
     if train and len(sampler) == 0:
         raise DataError(f"{len(dataset)} training samples make no full global batch of "
                         f"{args.batch_size} x {world.world_size} ranks: lower --batch-size")
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                        collate_fn=None if train else collate_readable,
                         persistent_workers=args.workers > 0, pin_memory=world.device.type == "cuda")
     return DataInfo(loader, num_batches=len(sampler), num_samples=len(dataset), set_position=sampler.set_position)
 
 
-def dataset_type(args, path: str) -> str:
-    if args.dataset_type != "auto":
+def dataset_type(args, path: Optional[str], train: bool) -> str:
+    """--dataset-type, with `auto` read from the path. `synthetic` stands for the training data:
+    a --val-data path given beside it is read as what it is."""
+    if args.dataset_type == "synthetic" and (train or not path):
+        return "synthetic"
+    if args.dataset_type not in ("auto", "synthetic"):
         return args.dataset_type
     stem = path.split("::")[0]
     if stem.endswith((".csv", ".tsv")):
@@ -172,7 +196,7 @@ def dataset_type(args, path: str) -> str:
 
 
 def get_dataset(args, path: Optional[str], preprocess, tokenizer, world: World, train: bool, epoch: int) -> DataInfo:
-    kind = "synthetic" if args.dataset_type == "synthetic" else dataset_type(args, path)
+    kind = dataset_type(args, path, train)
     if kind == "webdataset":
         from .wds import get_wds_dataset
         return get_wds_dataset(args, preprocess, tokenizer, is_train=train, epoch=epoch, world=world)
@@ -180,7 +204,8 @@ def get_dataset(args, path: Optional[str], preprocess, tokenizer, world: World, 
         num_samples = args.train_num_samples if train else (args.val_num_samples or args.batch_size * world.world_size)
         dataset = SyntheticDataset(preprocess, tokenizer, image_size_of(preprocess), num_samples)
     else:
-        dataset = CsvDataset(path, preprocess, tokenizer, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+        dataset = CsvDataset(path, preprocess, tokenizer, args.csv_img_key, args.csv_caption_key, args.csv_separator,
+                             skip_unreadable=not train)
     return map_style_data(dataset, args, world, train)
 
 

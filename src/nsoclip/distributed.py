@@ -107,6 +107,28 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_gather_rows(rows: torch.Tensor):
+    """(every rank's rows concatenated in rank order, each rank's row count). Ranks may hold
+    different numbers of rows, or none: an empty rank may pass a 0 x 0 tensor, the width is
+    taken from the others. Rows must share a dtype across ranks."""
+    if not is_distributed():
+        return rows, [rows.shape[0]]
+    world_size = dist.get_world_size()
+    shape = torch.tensor([rows.shape[0], rows.shape[1] if rows.shape[0] else -1], device=rows.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size)]
+    dist.all_gather(shapes, shape)
+    counts = [int(s[0]) for s in shapes]
+    width = max(int(s[1]) for s in shapes)
+    if width < 0:
+        return rows, counts
+    padded = torch.zeros(max(counts), width, dtype=rows.dtype, device=rows.device)
+    if len(rows):
+        padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)]), counts
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_distributed():
         return obj

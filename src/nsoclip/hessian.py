@@ -333,8 +333,8 @@ def curvature_along(model, loss_fn, batches, direction: Dict[str, torch.Tensor],
                 raise HessianError(f"direction {name}: shape {tuple(direction[name].shape)} does not match "
                                    f"the parameter's {tuple(objective.named[name].shape)}")
         flat = objective.flatten([direction[name].to(objective.device) for name in objective.names])
-        curvature = torch.dot(flat, objective.hvp(flat)).item()
-    norm = flat.norm().item()
+        curvature = torch.dot(flat.double(), objective.hvp(flat).double()).item()
+    norm = flat.double().norm().item()
     return {"curvature": curvature, "norm": norm,
             "rayleigh_quotient": curvature / norm ** 2 if norm > 0 else math.nan}
 

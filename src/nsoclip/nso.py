@@ -75,7 +75,6 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     schedulers, `zero_grad` and checkpoints treat it like the base optimizer."""
 
     runs_closure = True
-    state_key = ""  # key of this optimizer's own entries in state_dict(); "" means none
 
     def __init__(self, params, base_optimizer, ddp_model, base_kwargs):
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
@@ -101,26 +100,11 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
 
     def state_dict(self):
-        state = self.base_optimizer.state_dict()
-        if self.state_key:
-            state[self.state_key] = self._own_state()
-        return state
+        return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict) -> None:
-        """Accepts our own state dicts and plain base-optimizer ones (own counters then stay as
-        they are)."""
-        state = dict(state_dict)
-        own = state.pop(self.state_key, None) if self.state_key else None
-        self.base_optimizer.load_state_dict(state)
+        self.base_optimizer.load_state_dict(state_dict)
         self._share_base_state()  # torch rebuilds param_groups and state on load
-        if own is not None:
-            self._load_own_state(own)
-
-    def _own_state(self) -> dict:
-        return {}
-
-    def _load_own_state(self, own: dict) -> None:
-        pass
 
     @property
     def last_stats(self) -> dict:
@@ -178,12 +162,10 @@ class NSO(PerturbedOptimizer):
 
     Beyond the pinned arguments: `sigma_schedule` ("constant", "linear", "exp") with
     `sigma_ramp_steps` N, where at step t (0-based) u = min(1, (t + 1) / N) and
-    sigma_t = sigma * u (linear) or sigma * 0.01 ** (1 - u) (exp); N == 0 means no ramp.
+    sigma_t = sigma * u (linear) or sigma * 0.01 ** (1 - u) (exp); a ramp needs N > 0.
     `perturb`: "all" trainable tensors, "weights" (tensors with ndim >= 2: no biases, norms,
     logit_scale), or a predicate `param -> bool`.
     """
-
-    state_key = "nso"
 
     def __init__(self, params, base_optimizer, *, sigma: float, num_perturbs: int = 1, two_point: bool = True,
                  lam: float = 0.0, distribution: str = "normal", seed: int = 0, ddp_model=None,
@@ -224,7 +206,7 @@ class NSO(PerturbedOptimizer):
         self._generators = {}
 
     def sigma_at(self, step: int) -> float:
-        if self.sigma_schedule == "constant" or self.sigma_ramp_steps == 0:
+        if self.sigma_schedule == "constant":
             return self.sigma
         progress = min(1.0, (step + 1) / self.sigma_ramp_steps)
         if self.sigma_schedule == "linear":
@@ -236,12 +218,20 @@ class NSO(PerturbedOptimizer):
         """Passes at perturbed weights per step; none when their weight (1 - lam) is zero."""
         return 0 if self.lam == 1.0 else self.num_perturbs * (1 + self.two_point)
 
-    def _own_state(self) -> dict:
-        return {"seed": self.seed, "step": self.step_count}
+    def state_dict(self):
+        """The base optimizer's state plus the noise stream's position, no temporary buffers."""
+        state = super().state_dict()
+        state["nso"] = {"seed": self.seed, "step": self.step_count}
+        return state
 
-    def _load_own_state(self, own: dict) -> None:
-        self.seed = int(own["seed"])
-        self.step_count = int(own["step"])
+    def load_state_dict(self, state_dict) -> None:
+        """The checkpoint's seed wins over the constructor's, so a resumed run continues the same
+        noise stream. A plain base-optimizer state dict also loads (the counter then stays)."""
+        state = dict(state_dict)
+        stream = state.pop("nso", None)
+        super().load_state_dict(state)
+        if stream is not None:
+            self.seed, self.step_count = int(stream["seed"]), int(stream["step"])
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:

@@ -10,11 +10,10 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .distributed import World, all_reduce_sum, is_distributed
+from .distributed import World, all_gather_rows, all_reduce_sum
 from .precision import autocast, input_dtype
 
 # Rows of the similarity matrix ranked at once: chunk x N floats of memory per rank.
@@ -24,28 +23,6 @@ RECALL_AT = (1, 5, 10)
 
 class RetrievalError(ValueError):
     """Validation data that gives nothing to evaluate."""
-
-
-def all_gather_rows(rows: torch.Tensor):
-    """(every rank's rows concatenated in rank order, each rank's row count). Ranks may hold
-    different numbers of rows, or none: an empty rank may pass a 0 x 0 tensor, the width is
-    taken from the others. Rows must share a dtype across ranks."""
-    if not is_distributed():
-        return rows, [rows.shape[0]]
-    world_size = dist.get_world_size()
-    shape = torch.tensor([rows.shape[0], rows.shape[1] if rows.shape[0] else -1], device=rows.device)
-    shapes = [torch.empty_like(shape) for _ in range(world_size)]
-    dist.all_gather(shapes, shape)
-    counts = [int(s[0]) for s in shapes]
-    width = max(int(s[1]) for s in shapes)
-    if width < 0:
-        return rows, counts
-    padded = torch.zeros(max(counts), width, dtype=rows.dtype, device=rows.device)
-    if len(rows):
-        padded[:len(rows)] = rows
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:count] for part, count in zip(parts, counts)]), counts
 
 
 def batch_clip_loss(image_features, text_features, logit_scale) -> torch.Tensor:
@@ -63,7 +40,7 @@ def match_ranks(queries: torch.Tensor, candidates: torch.Tensor, offset: int,
         scores = queries[start:start + chunk_size] @ candidates.T
         rows = torch.arange(len(scores), device=scores.device)
         partner = scores[rows, offset + start + rows]
-        ranks.append((scores >= partner[:, None]).sum(dim=1))
+        ranks.append((scores > partner[:, None]).sum(dim=1))
     return torch.cat(ranks)
 
 

@@ -25,9 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from .distributed import World, all_reduce_sum, broadcast_object
+from .distributed import World, all_gather_rows, all_reduce_sum, broadcast_object
 from .precision import autocast, input_dtype
-from .retrieval import all_gather_rows
 
 # open_clip's build_zero_shot_classifier embeds this many classes per text forward; shares of the
 # classifier are whole blocks of it, so every rank runs exactly the forwards one process would.

@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .spectral import TraceSamples, hutchinson, hutchpp, lanczos_top, segment_sums
+from .spectral import TraceSamples, hutchinson, hutchpp, lanczos_top
 
 METHODS = ("hutchinson", "hutchpp")
 HVPS = ("exact", "finite_difference")
@@ -155,13 +155,22 @@ class Objective:
         total = sum(self.loss_fn(self.model, batch).detach().double() for batch in self.batches)
         return distributed.all_reduce_mean(total.reshape(1) / len(self.batches)).item()
 
-    def local_gradient(self) -> torch.Tensor:
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+    def local_gradients(self) -> List[torch.Tensor]:
+        """This rank's gradient (mean over its batches), one tensor per parameter."""
+        total = None
         for batch in self.batches:
             loss = self.loss_fn(self.model, batch)
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
-            total += self.flatten(grads)
-        return total / len(self.batches)
+            grads = list(torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True))
+            if total is None:
+                total = grads
+            else:
+                torch._foreach_add_(total, grads)
+        if len(self.batches) > 1:
+            torch._foreach_div_(total, len(self.batches))
+        return total
+
+    def local_gradient(self) -> torch.Tensor:
+        return self.flatten(self.local_gradients())
 
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:
         self.num_products += 1
@@ -169,25 +178,35 @@ class Objective:
         return distributed.all_reduce_mean(local)
 
     def _exact_hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        """Double backward per batch; flash / memory-efficient attention has no double backward,
-        so the math kernel is forced."""
+        """Double backward per batch: the vector-Jacobian product of the gradient with v, which is
+        H v as H is symmetric. Flash / memory-efficient attention has no double backward, so the
+        math kernel is forced."""
         directions = self.split(vector)
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        total = None
         with sdpa_kernel(SDPBackend.MATH):
             for batch in self.batches:
                 loss = self.loss_fn(self.model, batch)
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True,
                                             materialize_grads=True)
-                dot = sum((g * d).sum() for g, d in zip(grads, directions))
-                if dot.requires_grad:
-                    products = torch.autograd.grad(dot, self.params, allow_unused=True, materialize_grads=True)
-                    total += self.flatten(products)
-        return total / len(self.batches)
+                pairs = [(g, d) for g, d in zip(grads, directions) if g.requires_grad]
+                if not pairs:
+                    continue
+                outputs, grad_outputs = zip(*pairs)
+                products = list(torch.autograd.grad(outputs, self.params, grad_outputs=grad_outputs,
+                                                    allow_unused=True, materialize_grads=True))
+                if total is None:
+                    total = products
+                else:
+                    torch._foreach_add_(total, products)
+        if total is None:
+            return torch.zeros_like(vector)
+        flat = self.flatten(total)
+        return flat.div_(len(self.batches)) if len(self.batches) > 1 else flat
 
     def _finite_difference_hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        """(g(w + t v) - g(w - t v)) / 2t with ||t v|| = FD_STEP * sqrt(dim).
-        Both points are formed from a snapshot, and the weights are copied back from it, so w is
-        restored bit for bit."""
+        """(g(w + t v) - g(w - t v)) / 2t with ||t v|| = FD_STEP * sqrt(dim). The weights are
+        copied back from a snapshot afterwards, so w is restored bit for bit. The parameter-sized
+        work (moves, difference) uses foreach kernels: it is the whole overhead over two gradients."""
         vector_norm = vector.norm().item()
         if vector_norm == 0:
             return torch.zeros_like(vector)
@@ -195,30 +214,34 @@ class Objective:
         step = FD_STEP * math.sqrt(self.dim) / vector_norm
         directions = self.split(vector)
         try:
-            self.place(directions, step)
-            plus = self.local_gradient()
-            self.place(directions, -step)
-            minus = self.local_gradient()
+            self.move(directions, step)
+            plus = self.local_gradients()
+            self.move(directions, -2 * step)
+            minus = self.local_gradients()
         finally:
             self.restore()
-        return (plus - minus) / (2 * step)
+        torch._foreach_sub_(plus, minus)
+        return self.flatten(plus).div_(2 * step)
 
     def take_snapshot(self):
         if self._snapshot is None:
             self._snapshot = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
+    def move(self, directions, step: float):
+        torch._foreach_add_(self.params, directions, alpha=step)
+
+    @torch.no_grad()
     def place(self, directions, step: float):
-        """w := snapshot + step * direction, always formed from the snapshot."""
-        for p, saved, d in zip(self.params, self._snapshot, directions):
-            p.copy_(saved).add_(d, alpha=step)
+        """w := snapshot + step * direction, formed from the snapshot."""
+        torch._foreach_copy_(self.params, self._snapshot)
+        torch._foreach_add_(self.params, directions, alpha=step)
 
     @torch.no_grad()
     def restore(self):
-        for p, saved in zip(self.params, self._snapshot):
-            p.copy_(saved)
+        torch._foreach_copy_(self.params, self._snapshot)
 
-    def per_segment(self, samples: TraceSamples) -> Dict[str, Dict[str, dict]]:
+    def per_segment(self, samples: TraceSamples) -> Dict[str, Dict[str, float]]:
         """Trace estimates with standard errors per parameter, transformer block and tower."""
         groups = {"per_param": {name: [i] for i, name in enumerate(self.names)},
                   "per_block": {}, "per_tower": {}}

@@ -72,15 +72,8 @@ def create_optimizer(args, model: torch.nn.Module, ddp_model=None) -> torch.opti
         return NSO(groups, torch.optim.AdamW, sigma=args.nso_sigma, num_perturbs=args.nso_num_perturbs,
                    two_point=args.nso_two_point, lam=args.nso_lam, distribution=args.nso_distribution,
                    seed=args.seed, ddp_model=ddp_model, sigma_schedule=args.nso_sigma_schedule,
-                   sigma_ramp_steps=args.nso_sigma_ramp_steps,
-                   perturb=perturbation_filter(model, args.nso_perturb), **adamw)
+                   sigma_ramp_steps=args.nso_sigma_ramp_steps, perturb=args.nso_perturb, **adamw)
     from .sam import SAM
     return SAM(groups, torch.optim.AdamW, rho=args.sam_rho, adaptive=args.sam_adaptive,
                ascent=args.sam_ascent, ddp_model=ddp_model, **adamw)
 
-
-def perturbation_filter(model: torch.nn.Module, which: str):
-    """Parameters NSO perturbs: all, or only weight matrices (no logit_scale, norms, biases)."""
-    if which == "all":
-        return None
-    return {id(p) for n, p in model.named_parameters() if not no_weight_decay(n, p)}

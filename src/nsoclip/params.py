@@ -71,16 +71,24 @@ def add_model_args(parser):
     group.add_argument("--pretrained", default="", type=str,
                        help="OpenCLIP pretrained tag, or a checkpoint file (ours or OpenCLIP's).")
     group.add_argument("--precision", choices=PRECISIONS, default="amp", help="Floating point precision.")
-    group.add_argument("--force-image-size", type=int, nargs="+", default=None)
-    group.add_argument("--force-context-length", type=int, default=None)
-    group.add_argument("--force-quick-gelu", action="store_true", default=False)
-    group.add_argument("--force-patch-dropout", type=float, default=None)
-    group.add_argument("--force-custom-text", action="store_true", default=False)
-    group.add_argument("--image-mean", type=float, nargs="+", default=None, metavar="MEAN")
-    group.add_argument("--image-std", type=float, nargs="+", default=None, metavar="STD")
-    group.add_argument("--image-interpolation", default=None, choices=["bicubic", "bilinear", "random"])
-    group.add_argument("--image-resize-mode", default=None, choices=["shortest", "longest", "squash"])
-    group.add_argument("--aug-cfg", nargs="*", default={}, action=ParseKwargs)
+    group.add_argument("--force-image-size", type=int, nargs="+", default=None, help="Override the model's image size.")
+    group.add_argument("--force-context-length", type=int, default=None, help="Override the text context length.")
+    group.add_argument("--force-quick-gelu", action="store_true", default=False,
+                       help="Use QuickGELU (as OpenAI's models).")
+    group.add_argument("--force-patch-dropout", type=float, default=None,
+                       help="Override patch dropout (e.g. 0.5 trains faster; 0 to disable).")
+    group.add_argument("--force-custom-text", action="store_true", default=False,
+                       help="Build the text tower as a separate module (CustomTextCLIP).")
+    group.add_argument("--image-mean", type=float, nargs="+", default=None, metavar="MEAN",
+                       help="Override the normalisation mean.")
+    group.add_argument("--image-std", type=float, nargs="+", default=None, metavar="STD",
+                       help="Override the normalisation std.")
+    group.add_argument("--image-interpolation", default=None, choices=["bicubic", "bilinear", "random"],
+                       help="Override the resize interpolation.")
+    group.add_argument("--image-resize-mode", default=None, choices=["shortest", "longest", "squash"],
+                       help="Override the resize mode.")
+    group.add_argument("--aug-cfg", nargs="*", default={}, action=ParseKwargs,
+                       help="Training augmentation, key=value pairs (OpenCLIP's AugmentationCfg).")
     group.add_argument("--cache-dir", type=str, default=None, help="Where OpenCLIP caches pretrained weights.")
     group.add_argument("--siglip", action="store_true", default=False, help="Use the SigLIP (sigmoid) loss.")
     group.add_argument("--local-loss", action="store_true", default=False,
@@ -112,19 +120,21 @@ def add_data_args(parser):
     group.add_argument("--val-data", type=str, default=None, help="Validation data (csv or webdataset).")
     group.add_argument("--train-num-samples", type=int, default=None, help="Samples per epoch (webdataset).")
     group.add_argument("--val-num-samples", type=int, default=None, help="Validation samples (webdataset).")
-    group.add_argument("--dataset-type", choices=["webdataset", "csv", "synthetic", "auto"], default="auto")
+    group.add_argument("--dataset-type", choices=["webdataset", "csv", "synthetic", "auto"], default="auto",
+                       help="Data format; auto reads it from --train-data.")
     group.add_argument("--dataset-resampled", action="store_true", default=False,
                        help="Sample shards with replacement (webdataset).")
-    group.add_argument("--csv-separator", type=str, default="\t")
-    group.add_argument("--csv-img-key", type=str, default="filepath")
-    group.add_argument("--csv-caption-key", type=str, default="title")
+    group.add_argument("--csv-separator", type=str, default="\t", help="Column separator of the csv.")
+    group.add_argument("--csv-img-key", type=str, default="filepath", help="Image path column of the csv.")
+    group.add_argument("--csv-caption-key", type=str, default="title", help="Caption column of the csv.")
     group.add_argument("--workers", type=int, default=4, help="Dataloader workers per rank.")
     group.add_argument("--batch-size", type=int, default=64, help="Batch size per rank.")
 
 
 def add_eval_args(parser):
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--imagenet-val", type=str, default=None, help="ImageNet validation folder (ImageFolder layout).")
+    group.add_argument("--imagenet-val", type=str, default=None,
+                       help="ImageNet validation folder (ImageFolder layout).")
     group.add_argument("--imagenet-v2", type=str, default=None, help="ImageNetV2 folder (classes 0..999).")
     group.add_argument("--imagenet-a", type=str, default=None, help="ImageNet-A folder (200 WordNet-id classes).")
     group.add_argument("--imagenet-r", type=str, default=None, help="ImageNet-R folder (200 WordNet-id classes).")
@@ -137,8 +147,10 @@ def add_hessian_args(parser):
     group = parser.add_argument_group("hessian")
     group.add_argument("--hessian-num-batches", type=int, default=4, help="Batches per rank in the Hessian loss.")
     group.add_argument("--hessian-probes", type=int, default=64, help="Hessian-vector products for the trace.")
-    group.add_argument("--hessian-method", choices=["hutchinson", "hutchpp"], default="hutchinson")
-    group.add_argument("--hessian-hvp", choices=["exact", "finite_difference"], default="exact")
+    group.add_argument("--hessian-method", choices=["hutchinson", "hutchpp"], default="hutchinson",
+                       help="Trace estimator.")
+    group.add_argument("--hessian-hvp", choices=["exact", "finite_difference"], default="exact",
+                       help="Hessian-vector products by double backward or central differences.")
     group.add_argument("--hessian-top-k", type=int, default=1, help="Top eigenvalues to compute (0: none).")
     group.add_argument("--hessian-params", type=str, default=None,
                        help="Comma-separated substrings; only parameters whose name contains one are included.")
@@ -147,7 +159,7 @@ def add_hessian_args(parser):
 
 def add_training_args(parser):
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=32)
+    group.add_argument("--epochs", type=int, default=32, help="Training epochs.")
     group.add_argument("--epochs-cooldown", type=int, default=None,
                        help="Final epochs spent cooling down (const-cooldown schedule).")
     group.add_argument("--lr", type=float, default=None, help="Learning rate.")
@@ -156,35 +168,47 @@ def add_training_args(parser):
     group.add_argument("--eps", type=float, default=None, help="Adam epsilon.")
     group.add_argument("--wd", type=float, default=0.2, help="Weight decay.")
     group.add_argument("--warmup", type=int, default=10000, help="Warmup steps.")
-    group.add_argument("--lr-scheduler", choices=["cosine", "const", "const-cooldown"], default="cosine")
-    group.add_argument("--lr-cooldown-end", type=float, default=0.0)
-    group.add_argument("--lr-cooldown-power", type=float, default=1.0)
+    group.add_argument("--lr-scheduler", choices=["cosine", "const", "const-cooldown"], default="cosine",
+                       help="LR schedule after the linear warmup.")
+    group.add_argument("--lr-cooldown-end", type=float, default=0.0, help="Final LR of the cooldown.")
+    group.add_argument("--lr-cooldown-power", type=float, default=1.0,
+                       help="Power of the polynomial cooldown (1: linear).")
     group.add_argument("--accum-freq", type=int, default=1, help="Optimizer step every --accum-freq batches.")
-    group.add_argument("--grad-clip-norm", type=float, default=None)
-    group.add_argument("--grad-checkpointing", action="store_true", default=False)
-    group.add_argument("--ddp-static-graph", action="store_true", default=False)
-    group.add_argument("--lock-image", action="store_true", default=False)
-    group.add_argument("--lock-image-unlocked-groups", type=int, default=0)
-    group.add_argument("--lock-image-freeze-bn-stats", action="store_true", default=False)
-    group.add_argument("--lock-text", action="store_true", default=False)
-    group.add_argument("--lock-text-unlocked-layers", type=int, default=0)
-    group.add_argument("--lock-text-freeze-layer-norm", action="store_true", default=False)
+    group.add_argument("--grad-clip-norm", type=float, default=None,
+                       help="Clip the gradient norm (after unscaling) to this value.")
+    group.add_argument("--grad-checkpointing", action="store_true", default=False,
+                       help="Recompute activations in backward to save memory.")
+    group.add_argument("--ddp-static-graph", action="store_true", default=False,
+                       help="Tell DDP the graph is static (faster with some models).")
+    group.add_argument("--lock-image", action="store_true", default=False, help="Freeze the image tower.")
+    group.add_argument("--lock-image-unlocked-groups", type=int, default=0,
+                       help="Leave the last N layer groups of the image tower trainable.")
+    group.add_argument("--lock-image-freeze-bn-stats", action="store_true", default=False,
+                       help="Freeze BatchNorm statistics of locked layers.")
+    group.add_argument("--lock-text", action="store_true", default=False, help="Freeze the text tower.")
+    group.add_argument("--lock-text-unlocked-layers", type=int, default=0,
+                       help="Leave the last N layers of the text tower trainable.")
+    group.add_argument("--lock-text-freeze-layer-norm", action="store_true", default=False,
+                       help="Freeze LayerNorm of locked text layers.")
     group.add_argument("--max-nonfinite-steps", type=int, default=10,
                        help="Stop after this many consecutive steps with a NaN/inf loss or gradient.")
 
     optim = parser.add_argument_group("optimizer (NSO / SAM)")
-    optim.add_argument("--opt", choices=["adamw", "nso", "sam"], default="adamw")
+    optim.add_argument("--opt", choices=["adamw", "nso", "sam"], default="adamw",
+                       help="Optimizer: AdamW, or NSO / SAM around AdamW.")
     optim.add_argument("--nso-sigma", type=float, default=0.01, help="Std of the Gaussian weight perturbation.")
     optim.add_argument("--nso-num-perturbs", type=int, default=1, help="Perturbations k per step.")
     optim.add_argument("--nso-two-point", action=argparse.BooleanOptionalAction, default=True,
                        help="Also evaluate w - e (antithetic pairs).")
     optim.add_argument("--nso-lam", type=float, default=0.0, help="Weight of the clean gradient at w.")
-    optim.add_argument("--nso-distribution", choices=["normal", "laplace", "uniform"], default="normal")
-    optim.add_argument("--nso-sigma-schedule", choices=["constant", "linear", "exp"], default="constant")
+    optim.add_argument("--nso-distribution", choices=["normal", "laplace", "uniform"], default="normal",
+                       help="Zero-mean noise distribution, variance sigma^2.")
+    optim.add_argument("--nso-sigma-schedule", choices=["constant", "linear", "exp"], default="constant",
+                       help="Sigma over the first --nso-sigma-ramp-steps steps.")
     optim.add_argument("--nso-sigma-ramp-steps", type=int, default=0, help="Steps of the sigma ramp.")
     optim.add_argument("--nso-perturb", choices=["all", "weights"], default="all",
                        help="'weights' leaves logit_scale, norms and biases unperturbed.")
-    optim.add_argument("--sam-rho", type=float, default=0.05)
+    optim.add_argument("--sam-rho", type=float, default=0.05, help="SAM neighbourhood radius.")
     optim.add_argument("--sam-adaptive", action="store_true", default=False, help="ASAM.")
     optim.add_argument("--sam-ascent", choices=["local", "global"], default="local",
                        help="Ascent direction from each rank's gradient (1 all-reduce/step) "
@@ -194,16 +218,19 @@ def add_training_args(parser):
     logs.add_argument("--logs", type=str, default="./logs/", help="Root folder of run folders.")
     logs.add_argument("--name", type=str, default=None, help="Run folder name (default: date and settings).")
     logs.add_argument("--report-to", default="", type=str, help="'tensorboard' or '' (none).")
-    logs.add_argument("--log-every-n-steps", type=int, default=100)
+    logs.add_argument("--log-every-n-steps", type=int, default=100,
+                      help="Log training metrics every N optimizer steps.")
     logs.add_argument("--save-frequency", type=int, default=1, help="Save epoch_N.pt every N epochs.")
     logs.add_argument("--save-most-recent", action="store_true", default=False, help="Keep epoch_latest.pt.")
     logs.add_argument("--save-every-n-steps", type=int, default=0, help="Step checkpoints inside an epoch.")
-    logs.add_argument("--delete-previous-checkpoint", action="store_true", default=False)
+    logs.add_argument("--delete-previous-checkpoint", action="store_true", default=False,
+                      help="Keep only the newest epoch_N.pt.")
     logs.add_argument("--resume", default=None, type=str, help="Checkpoint path, or 'latest'.")
     logs.add_argument("--zeroshot-frequency", type=int, default=2, help="Zero-shot every N epochs.")
     logs.add_argument("--val-frequency", type=int, default=1, help="Validation every N epochs.")
     logs.add_argument("--hessian-frequency", type=int, default=0, help="Hessian trace every N epochs (0: off).")
-    logs.add_argument("--debug", action="store_true", default=False)
+    logs.add_argument("--debug", action="store_true", default=False,
+                      help="Verbose logging; show tracebacks instead of one-line errors.")
 
 
 def refuse_unsupported(argv):

@@ -59,7 +59,7 @@ class SAM(PerturbedOptimizer):
         params = [p for _, p in self._trainable()]
         self.zero_grad(set_to_none=True)
         rng = capture_rng(self._cuda_devices(params))
-        clean_loss = self._run_pass(closure, sync=True)
+        clean_loss = self._run_pass(closure, sync=self.ascent == "global")
         self._take_snapshot(params)
         self._ascend(params)
         self.zero_grad(set_to_none=True)

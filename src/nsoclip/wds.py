@@ -313,8 +313,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def collate(self, pairs, augment_seed=None):
         with seeded_rngs(augment_seed) if augment_seed is not None else contextlib.nullcontext():
-            images = torch.stack([self.preprocess(image) for image, _ in pairs])
-        return images, self.tokenizer([caption for _, caption in pairs])
+            images = [self.preprocess(image) for image, _ in pairs]
+        # default_collate stacks straight into shared memory inside a worker, saving the copy
+        # torch would otherwise make to pass the batch to the main process.
+        return torch.utils.data.default_collate(images), self.tokenizer([caption for _, caption in pairs])
 
     # -- training
 

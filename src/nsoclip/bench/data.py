@@ -8,12 +8,16 @@ turns (bare, W=1, W=2, bare, ...) so load from other processes hits all of them 
 repeat's ratio is loader samples/s / (W x bare samples/s) of the same repeat. On a machine with
 fewer free cores than W that bound cannot be reached by anything, so the benchmark also runs W
 bare loops side by side (forked processes, the shards split between them) and reports the
-loader against that: the pipeline's own overhead under the same contention."""
+loader against that: the pipeline's own overhead under the same contention. Least sensitive to
+load is CPU time per sample (the loader's: main process plus its workers, read from /proc, so
+Linux only): `cpu_ratio` = bare CPU/sample over loader CPU/sample, 1.0 when the pipeline costs
+nothing beyond the work itself."""
 import argparse
 import concurrent.futures
 import io
 import json
 import multiprocessing
+import os
 import statistics
 import tarfile
 import tempfile
@@ -42,9 +46,27 @@ def synthetic_jpegs(count: int, size: int, seed: int = 0):
         yield buffer.getvalue(), f"synthetic photo number {index} with a {['red', 'green', 'blue'][index % 3]} tint"
 
 
+def children_cpu_seconds() -> float:
+    """CPU time used so far by this process's live children (the dataloader workers)."""
+    pids = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as handle:
+            pids.update(handle.read().split())
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def bare_loop(shards, preprocess, tokenizer, batch_size: int):
-    """(samples, samples/s) of one process doing the loader's work with no pipeline around it."""
-    start, done, batch = time.perf_counter(), 0, []
+    """(samples, samples/s, CPU s/sample) of one process doing the loader's work with no
+    pipeline around it."""
+    start, cpu_start, done, batch = time.perf_counter(), time.process_time(), 0, []
     for shard in shards:
         with tarfile.open(shard, mode="r|") as tar:
             sample = {}
@@ -59,7 +81,7 @@ def bare_loop(shards, preprocess, tokenizer, batch_size: int):
                 if len(batch) == batch_size:
                     torch.stack([preprocess(image) for image, _ in batch]), tokenizer([c for _, c in batch])
                     done, batch = done + len(batch), []
-    return done, done / (time.perf_counter() - start)
+    return done, done / (time.perf_counter() - start), (time.process_time() - cpu_start) / done
 
 
 def parallel_bare_loops(shards, preprocess, tokenizer, batch_size: int, processes: int) -> float:
@@ -73,12 +95,14 @@ def parallel_bare_loops(shards, preprocess, tokenizer, batch_size: int, processe
     return done / (time.perf_counter() - start)
 
 
-def loader_epoch(info, epoch: int) -> float:
+def loader_epoch(info, epoch: int):
+    """(samples/s, CPU s/sample of the main process and all workers) over one epoch."""
     info.set_position(epoch, 0)
-    start, done = time.perf_counter(), 0
+    start, cpu_start, workers_start, done = time.perf_counter(), time.process_time(), children_cpu_seconds(), 0
     for images, _ in info.dataloader:
         done += len(images)
-    return done / (time.perf_counter() - start)
+    cpu = time.process_time() - cpu_start + children_cpu_seconds() - workers_start
+    return done / (time.perf_counter() - start), cpu / done
 
 
 def main(argv) -> int:
@@ -107,18 +131,23 @@ def main(argv) -> int:
                                          dataset_resampled=False, train_data_upsampling_factors=None)
             loaders[workers] = get_wds_dataset(args, preprocess, tokenizer, is_train=True, epoch=0, world=World())
             loader_epoch(loaders[workers], 0)  # starts the persistent workers
-        bare, rates = [], {workers: [] for workers in flags.workers}
+        bare, bare_cpu, rates, cpu = [], [], {w: [] for w in flags.workers}, {w: [] for w in flags.workers}
         side_by_side = {workers: [] for workers in flags.workers}
         for repeat in range(flags.repeats):
-            bare.append(bare_loop(shards, preprocess, tokenizer, flags.batch_size)[1])
+            _, rate, cpu_per_sample = bare_loop(shards, preprocess, tokenizer, flags.batch_size)
+            bare.append(rate)
+            bare_cpu.append(cpu_per_sample)
             for workers, info in loaders.items():
-                rates[workers].append(loader_epoch(info, repeat + 1))
+                rate, cpu_per_sample = loader_epoch(info, repeat + 1)
+                rates[workers].append(rate)
+                cpu[workers].append(cpu_per_sample)
                 side_by_side[workers].append(
                     parallel_bare_loops(shards, preprocess, tokenizer, flags.batch_size, workers))
 
     result = {"benchmark": "data", "samples": flags.samples, "batch_size": flags.batch_size,
               "image_size": flags.image_size, "source_size": flags.source_size, "repeats": flags.repeats,
-              "bare_samples_per_s": [round(rate, 1) for rate in bare], "loader": {}}
+              "bare_samples_per_s": [round(rate, 1) for rate in bare],
+              "bare_cpu_ms_per_sample": [round(1000 * c, 2) for c in bare_cpu], "loader": {}}
     for workers, measured in rates.items():
         ratios = [rate / (workers * base) for rate, base in zip(measured, bare)]
         fair = [rate / base for rate, base in zip(measured, side_by_side[workers])]
@@ -128,6 +157,8 @@ def main(argv) -> int:
             "ratio_median": round(statistics.median(ratios), 3),
             "side_by_side_bare_samples_per_s": [round(rate, 1) for rate in side_by_side[workers]],
             "ratio_to_side_by_side": [round(ratio, 3) for ratio in fair],
-            "ratio_to_side_by_side_median": round(statistics.median(fair), 3)}
+            "ratio_to_side_by_side_median": round(statistics.median(fair), 3),
+            "cpu_ms_per_sample": [round(1000 * c, 2) for c in cpu[workers]],
+            "cpu_ratio_median": round(statistics.median(b / c for b, c in zip(bare_cpu, cpu[workers])), 3)}
     print(json.dumps(result))
     return 0

@@ -1,8 +1,9 @@
 """`python -m nsoclip.bench nso`: what an NSO step costs next to an AdamW step on the same CLIP.
 
-- step-time ratio NSO / AdamW (k=1, two-point, lam=0), AdamW, NSO and bare forward+backward
-  passes interleaved in one process on the same batch, median over repeats; also the ratio to
-  the ideal NSO cost (two passes + one AdamW update = AdamW step + one pass);
+- step-time ratio NSO / AdamW (k=1, two-point, lam=0): AdamW steps, NSO steps (both through
+  `nsoclip.optim.take_step`, as in training) and bare forward+backward passes interleaved in one
+  process on the same batch, median and quartiles over repeats; also the ratio to the ideal NSO
+  cost (two passes + one update = one AdamW step + one pass);
 - extra memory beyond AdamW in parameter copies: the bytes of every tensor NSO (or SAM) holds
   outside the base optimizer's state, over the parameter bytes; on CUDA also the peak;
 - gradient all-reduces per step under 2-rank gloo DDP, counted with a DDP comm hook, for NSO,
@@ -23,6 +24,7 @@ import torch
 
 from ..model import resolve_model_name
 from ..nso import NSO
+from ..optim import take_step
 from ..precision import autocast, grad_scaler
 from ..sam import SAM
 
@@ -41,7 +43,7 @@ def parse_args(argv):
     parser.add_argument("--model", default="bench-vit",
                         help="OpenCLIP model name or config JSON; 'bench-vit' is the small ViT defined here.")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=15, help="Timed repeats (each: one step of every arm).")
+    parser.add_argument("--steps", type=int, default=20, help="Timed repeats (each: one step of every arm).")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "amp", "amp_bf16"])
@@ -111,16 +113,8 @@ class Arm:
         if self.optimizer is None:  # a bare forward + backward pass
             self.model.zero_grad(set_to_none=True)
             self.closure()
-        elif getattr(self.optimizer, "runs_closure", False):
-            self.optimizer.step(self.closure, grad_scaler=self.scaler)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.closure()
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+        else:  # the training loop's step: closure, unscale, grad norm, skip on inf, update
+            take_step(self.optimizer, self.closure, grad_scaler=self.scaler)
 
     def timed(self):
         synchronize(self.device)
@@ -177,6 +171,7 @@ def timing(args, spec: str, device) -> dict:
         "params": sum(p.numel() for p in template.parameters()),
         "median_step_s": {arm: statistics.median(values) for arm, values in times.items()},
         "step_time_ratio_nso_over_adamw": statistics.median(ratios),
+        "step_time_ratio_nso_over_adamw_quartiles": statistics.quantiles(ratios, n=4)[::2],
         "step_time_ratio_nso_over_ideal": statistics.median(ideal),
         "extra_param_copies_held_nso": held_param_copies(arms[1].optimizer, nso_params),
         "extra_param_copies_held_sam": held_param_copies(sam, nso_params),

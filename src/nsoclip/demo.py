@@ -1,0 +1,331 @@
+"""`make demo` / `python -m nsoclip.demo`: the whole product on real data, on 2 CPU ranks, offline.
+
+The 1,797 handwritten digit scans that scikit-learn ships inside its package become a small CLIP
+pretraining set: a fixed held-out test set goes into a class-folder tree for zero-shot evaluation
+with prompts never seen in training, the rest into webdataset shards with captions in several
+phrasings. The demo then trains the same tiny ViT CLIP twice under torchrun (AdamW, then NSO with
+k=1 two-point perturbations, same seed and number of steps), measures each final checkpoint's
+Hessian trace, top eigenvalue and noise stability, and writes the comparison report. Every stage
+is a subprocess whose command is printed and written into the report, so each can be rerun by hand.
+"""
+import argparse
+import contextlib
+import importlib.resources
+import os
+import random
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Training captions: {digit} is the numeral, {word} the English word.
+TRAIN_PHRASINGS = (
+    "a handwritten {digit}",
+    "the digit {word}",
+    "a scan of the number {digit}",
+    "handwritten {word}",
+    "the number {word}, written by hand",
+    "a {digit} written by hand",
+)
+# Zero-shot prompts: none of these sentence shapes occurs in training.
+ZEROSHOT_TEMPLATES = (
+    "a photo of the number {}.",
+    "an image of a {}.",
+    "a small picture of {}.",
+)
+ZEROSHOT_SET = "digits"  # the folder name, hence the metric key digits-zeroshot-val-top1
+MARKER = ".nsoclip-demo"
+DEMO_CONFIG = "nsoclip-demo-vit.json"
+
+
+class DemoError(RuntimeError):
+    """A stage failed; the message holds its command and the tail of its output."""
+
+
+@dataclass
+class DemoData:
+    train_pattern: str
+    num_train: int
+    num_shards: int
+    zeroshot_dir: Path
+    classnames: Path
+    templates: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def train_caption(label: int, rng: random.Random) -> str:
+    return rng.choice(TRAIN_PHRASINGS).format(digit=label, word=DIGIT_WORDS[label])
+
+
+def digit_image(pixels, size: int):
+    """An 8x8 scan (values 0..16) as a size x size RGB image, contrast-stretched to 0..255."""
+    import numpy as np
+    from PIL import Image
+    low, high = float(pixels.min()), float(pixels.max())
+    stretched = (pixels - low) / max(high - low, 1e-6) * 255.0
+    image = Image.fromarray(stretched.round().astype(np.uint8), mode="L")
+    return image.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+
+
+def split_digits(test_size: int, seed: int):
+    """(train indices, test indices) of sklearn's digits: stratified, fixed by the seed, disjoint."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    train, test = train_test_split(np.arange(len(digits.target)), test_size=test_size,
+                                   stratify=digits.target, random_state=seed)
+    return digits, train, test
+
+
+def write_image_folders(output: Path, image_size: int, test_size: int, seed: int):
+    """Train images with same-stem caption files (the input of `nsoclip.shards --images`) in a
+    shuffled order, so that every shard holds every class; the test images in class folders 0..9
+    with the class-name and template files of `--zeroshot-data`."""
+    digits, train, test = split_digits(test_size, seed)
+    rng = random.Random(seed)
+    train_dir = output / "train-images"
+    train_dir.mkdir(parents=True)
+    order = list(train)
+    rng.shuffle(order)
+    for position, index in enumerate(order):
+        label = int(digits.target[index])
+        digit_image(digits.images[index], image_size).save(train_dir / f"{position:05d}.png")
+        (train_dir / f"{position:05d}.txt").write_text(train_caption(label, rng) + "\n")
+    zeroshot_dir = output / ZEROSHOT_SET
+    for index in test:
+        label = int(digits.target[index])
+        (zeroshot_dir / str(label)).mkdir(parents=True, exist_ok=True)
+        digit_image(digits.images[index], image_size).save(zeroshot_dir / str(label) / f"{index:04d}.png")
+    classnames = output / "classnames.txt"
+    classnames.write_text("\n".join(DIGIT_WORDS) + "\n")
+    templates = output / "templates.txt"
+    templates.write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")
+    return train_dir, len(order), zeroshot_dir, classnames, templates
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocesses
+
+def child_env() -> dict:
+    """One thread per rank (2 ranks on 2 cores), no GPU, and no launcher variables of a
+    surrounding job leaking into the demo's own torchrun."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(module: str, flags: Sequence, nproc: int) -> List[str]:
+    """The `--` keeps our flags from torchrun's parser (its --logs-specs would swallow --logs)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "-m", module, "--", *map(str, flags)]
+
+
+TRAIN_LINE = re.compile(r"Train epoch (\d+) \[(\d+)/(\d+)\] step (\d+) \| loss: ([0-9.eE+-]+)")
+EVAL_LINE = re.compile(rf"Eval epoch (\d+) \| .*{ZEROSHOT_SET}-zeroshot-val-top1: ([0-9.]+)")
+
+
+def progress_line(line: str):
+    """A short progress line for the end of each training epoch and each zero-shot evaluation."""
+    train = TRAIN_LINE.search(line)
+    if train and train.group(2) == train.group(3):
+        return f"    epoch {int(train.group(1)) + 1}: step {train.group(4)}, training loss {float(train.group(5)):.3f}"
+    evaluation = EVAL_LINE.search(line)
+    if evaluation:
+        return f"    zero-shot top-1 on held-out digits: {100 * float(evaluation.group(2)):.1f}%"
+    return None
+
+
+def run_stage(title: str, command: Sequence[str], log_path: Path, timeout: float) -> str:
+    """Run one stage, its stdout and stderr into log_path, with progress lines on our stdout.
+    On failure or timeout: DemoError with the command and the last lines of its output."""
+    print(f"[demo] {title}", flush=True)
+    print(f"    $ {shlex.join(command)}", flush=True)
+    start = time.perf_counter()
+    tail = deque(maxlen=40)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=child_env(), start_new_session=True)
+    timed_out = threading.Event()
+
+    def kill():
+        timed_out.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 9)
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.start()
+    try:
+        with open(log_path, "w") as log:
+            for line in process.stdout:
+                log.write(line)
+                tail.append(line.rstrip("\n").split("\r")[-1])
+                shown = progress_line(line)
+                if shown:
+                    print(shown, flush=True)
+        returncode = process.wait()
+    finally:
+        watchdog.cancel()
+    elapsed = time.perf_counter() - start
+    if timed_out.is_set() or returncode != 0:
+        reason = f"timed out after {timeout:.0f} s" if timed_out.is_set() else f"exited with status {returncode}"
+        raise DemoError(f"{title} {reason}\ncommand: {shlex.join(command)}\n"
+                        f"last lines of {log_path}:\n" + "\n".join(tail))
+    print(f"    done in {elapsed:.0f} s", flush=True)
+    return "\n".join(tail)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+
+def prepare_output(output: Path):
+    """A fresh output folder; an earlier demo's folder (it carries the marker file) is replaced,
+    anything else that is not empty is refused rather than deleted."""
+    if output.exists():
+        if (output / MARKER).is_file():
+            shutil.rmtree(output)
+        elif any(output.iterdir()):
+            raise DemoError(f"--output {output}: folder exists, is not empty and was not made by the demo")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / MARKER).write_text("made by python -m nsoclip.demo; replaced on the next run\n")
+    (output / "logs").mkdir()
+
+
+def common_flags(args, data: DemoData, config: str) -> list:
+    return ["--model", config, "--dataset-type", "webdataset", "--train-data", data.train_pattern,
+            "--train-num-samples", data.num_train, "--batch-size", args.batch_size, "--workers", args.workers,
+            "--device", "cpu", "--seed", args.seed]
+
+
+def train_flags(args, data: DemoData, config: str, runs: Path, name: str, optimizer: list) -> list:
+    return [*common_flags(args, data, config), "--precision", "fp32", "--local-loss", "--gather-with-grad",
+            "--epochs", args.epochs, "--lr", args.lr, "--wd", args.wd, "--warmup", args.warmup,
+            "--zeroshot-data", data.zeroshot_dir, "--zeroshot-classnames", data.classnames,
+            "--zeroshot-templates", data.templates, "--zeroshot-frequency", 1,
+            "--report-to", "tensorboard", "--log-every-n-steps", 1, "--save-frequency", args.epochs,
+            "--logs", runs, "--name", name, *optimizer]
+
+
+def hessian_flags(args, data: DemoData, config: str, run_dir: Path) -> list:
+    return [*common_flags(args, data, config), "--resume", run_dir / "checkpoints" / f"epoch_{args.epochs}.pt",
+            "--hessian-num-batches", args.hessian_batches, "--hessian-probes", args.hessian_probes,
+            "--hessian-top-k", 1, "--hessian-max-iter", args.hessian_max_iter,
+            "--noise-stability-sigmas", args.noise_sigmas, "--noise-stability-draws", args.noise_draws,
+            "--hessian-output", run_dir / "hessian.json"]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m nsoclip.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="demo-out", help="Folder for data, runs and the report "
+                        "(replaced when an earlier demo made it).")
+    parser.add_argument("--nproc", type=int, default=2, help="CPU ranks per torchrun job.")
+    parser.add_argument("--epochs", type=int, default=12, help="Training epochs of each run.")
+    parser.add_argument("--batch-size", type=int, default=64, help="Batch size per rank.")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate (both runs).")
+    parser.add_argument("--wd", type=float, default=0.1, help="Weight decay (both runs).")
+    parser.add_argument("--warmup", type=int, default=20, help="Warmup steps.")
+    parser.add_argument("--nso-sigma", type=float, default=0.01, help="NSO perturbation std.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the split, the captions and both runs.")
+    parser.add_argument("--image-size", type=int, default=32, help="Pixels the 8x8 scans are upscaled to.")
+    parser.add_argument("--test-size", type=int, default=300, help="Held-out digits for zero-shot evaluation.")
+    parser.add_argument("--num-shards", type=int, default=4, help="Training shards (>= ranks x workers).")
+    parser.add_argument("--workers", type=int, default=1, help="Dataloader workers per rank.")
+    parser.add_argument("--hessian-batches", type=int, default=2, help="Batches per rank in the Hessian loss.")
+    parser.add_argument("--hessian-probes", type=int, default=16, help="Hutchinson probes for the trace.")
+    parser.add_argument("--hessian-max-iter", type=int, default=20, help="Lanczos iterations for the top eigenvalue.")
+    parser.add_argument("--noise-sigmas", default="0.005,0.01", help="Two sigmas for noise stability.")
+    parser.add_argument("--noise-draws", type=int, default=4, help="Antithetic pairs per sigma.")
+    parser.add_argument("--stage-timeout", type=float, default=900, help="Seconds before a stage is killed.")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    output = Path(args.output).resolve()
+    try:
+        prepare_output(output)
+        with importlib.resources.as_file(importlib.resources.files("nsoclip") / "model_configs" / DEMO_CONFIG) as path:
+            return run_demo(args, output, str(path), started)
+    except DemoError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def run_demo(args, output: Path, config: str, started: float) -> int:
+    logs = output / "logs"
+    print(f"[demo] writing the digits data set to {output}", flush=True)
+    train_dir, num_train, zeroshot_dir, classnames, templates = write_image_folders(
+        output, args.image_size, args.test_size, args.seed)
+    shards = output / "shards"
+    maxcount = -(-num_train // args.num_shards)
+    shard_command = [sys.executable, "-m", "nsoclip.shards", "--images", str(train_dir), "--output", str(shards),
+                     "--maxcount", str(maxcount)]
+    run_stage(f"packing {num_train} training pairs into {args.num_shards} webdataset shards", shard_command,
+              logs / "shards.log", args.stage_timeout)
+    data = DemoData(train_pattern=str(shards / f"shard-{{000000..{args.num_shards - 1:06d}}}.tar"),
+                    num_train=num_train, num_shards=args.num_shards, zeroshot_dir=zeroshot_dir,
+                    classnames=classnames, templates=templates)
+
+    runs = output / "runs"
+    optimizers = {
+        "adamw": [],
+        "nso": ["--opt", "nso", "--nso-sigma", args.nso_sigma, "--nso-num-perturbs", 1, "--nso-two-point",
+                "--nso-lam", 0],
+    }
+    steps = args.epochs * (num_train // (args.batch_size * args.nproc))
+    commands = {"shards": shard_command}
+    for name, optimizer in optimizers.items():
+        command = torchrun("nsoclip.main", train_flags(args, data, config, runs, name, optimizer), args.nproc)
+        commands[f"train {name}"] = command
+        run_stage(f"training {name} on {args.nproc} CPU ranks: {args.epochs} epochs, {steps} steps",
+                  command, logs / f"train-{name}.log", args.stage_timeout)
+    for name in optimizers:
+        command = torchrun("nsoclip.hessian", hessian_flags(args, data, config, runs / name), args.nproc)
+        commands[f"hessian {name}"] = command
+        run_stage(f"Hessian trace, top eigenvalue and noise stability of {name}'s final checkpoint",
+                  command, logs / f"hessian-{name}.log", args.stage_timeout)
+
+    from .report import write_report
+    settings = {
+        "data": f"sklearn digits: {num_train} train / {args.test_size} held-out test, "
+                f"{args.image_size}x{args.image_size} px, {args.num_shards} shards",
+        "training captions": " | ".join(TRAIN_PHRASINGS),
+        "zero-shot templates": " | ".join(ZEROSHOT_TEMPLATES),
+        "zero-shot class names": ", ".join(DIGIT_WORDS),
+        "model": f"{DEMO_CONFIG} (nsoclip/model_configs)",
+        "ranks": f"{args.nproc} CPU processes (gloo), fp32, --local-loss --gather-with-grad",
+        "optimizer steps per run": steps,
+        "NSO": f"sigma {args.nso_sigma}, k=1, two-point, lam=0",
+        "Hessian": f"{args.hessian_probes} Hutchinson probes, top eigenvalue by Lanczos (<= {args.hessian_max_iter} "
+                   f"iterations), noise stability at sigma {args.noise_sigmas} with {args.noise_draws} "
+                   f"antithetic pairs, on {args.hessian_batches} training batches per rank",
+    }
+    print("[demo] writing the comparison report", flush=True)
+    report = write_report([runs / name for name in optimizers], output / "report", commands=commands,
+                          settings=settings)
+    print(f"[demo] finished in {time.perf_counter() - started:.0f} s", flush=True)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

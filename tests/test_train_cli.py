@@ -93,6 +93,17 @@ def test_accumulation_equals_the_larger_batch(tiny_config, tmp_path):
     assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "accum"))
 
 
+def test_nso_with_accumulation_equals_the_larger_batch(tiny_config, tmp_path):
+    """Every perturbed point sees the whole accumulated batch: NSO with accum_freq 2 x batch 4
+    equals NSO with batch 8 (same noise stream, same samples)."""
+    nso = ["--opt", "nso", "--nso-sigma", "0.01"]
+    run_cli(train_flags(tiny_config, tmp_path, "big", *nso, batch=8))
+    run_cli(train_flags(tiny_config, tmp_path, "accum", *nso, "--accum-freq", 2, batch=4))
+    assert logged_losses(tmp_path / "big") == pytest.approx(logged_losses(tmp_path / "accum"), rel=1e-5)
+    assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "accum"))
+    assert "sigma: 0.01" in (tmp_path / "big" / "out.log").read_text()
+
+
 def test_resume_from_step_checkpoint_continues_exactly(tiny_config, tmp_path):
     """Kill the run after a step checkpoint exists, resume with the same command: the final
     weights equal the uninterrupted run's."""
@@ -204,6 +215,7 @@ def test_slurm_without_master_addr_is_one_clear_error(tiny_config, tmp_path, cap
     (["--nso-lam", "2"], "--nso-lam 2"),
     (["--lr-scheduler", "const-cooldown"], "--epochs-cooldown"),
     (["--name", "../escape"], "--name"),
+    (["--nso-sigma-schedule", "linear"], "--nso-sigma-ramp-steps"),
 ])
 def test_bad_flags_give_one_line(tiny_config, tmp_path, extra, message, capsys):
     flags = train_flags(tiny_config, tmp_path, "bad")

@@ -3,7 +3,10 @@ collectives the training loop needs. Rank discovery follows OpenCLIP: torchrun's
 LOCAL_RANK/RANK/WORLD_SIZE first, then SLURM_LOCALID/SLURM_PROCID/SLURM_NTASKS."""
 import datetime
 import os
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -58,6 +61,8 @@ def resolve_device(requested: str, local_rank: int, set_device_rank: bool = True
 
 def init_distributed(device: str = "cuda", backend=None, dist_url=None, timeout_minutes: float = 30,
                      set_device_rank: bool = True) -> World:
+    if not timeout_minutes > 0:
+        raise LaunchError(f"--dist-timeout {timeout_minutes}: must be > 0 minutes")
     local_rank, rank, world_size = ranks_from_env()
     world = World(rank=rank, local_rank=local_rank, world_size=world_size,
                   device=resolve_device(device, local_rank, set_device_rank))
@@ -80,6 +85,33 @@ def init_distributed(device: str = "cuda", backend=None, dist_url=None, timeout_
         device_id=world.device if backend == "nccl" else None,
     )
     return world
+
+
+def describe_collective_failure(error: BaseException, timeout_minutes: float) -> Optional[str]:
+    """One line for a collective that failed because another rank hung past --dist-timeout or
+    died, naming the operation and our function that called it; None for any other error.
+
+    Gloo raises a bare RuntimeError from deep inside the collective, so the operation is read
+    from the traceback: the torch.distributed call, or DDP's gradient all-reduce in backward."""
+    message = str(error)
+    if "Timed out" in message or "timeout" in message:
+        what = (f"timed out after {timeout_minutes:g} min (--dist-timeout {timeout_minutes:g}): "
+                "another rank is hung or too slow")
+    elif "closed by peer" in message or "reset by peer" in message:
+        what = "failed: another rank died (connection closed by peer)"
+    else:
+        return None
+    frames = [(frame.f_code.co_filename, frame.f_code.co_name) for frame, _ in traceback.walk_tb(error.__traceback__)]
+    calls = [name for path, name in frames if path.endswith("distributed_c10d.py")]
+    ours = [f"{Path(path).stem}.{name}" for path, name in frames if f"nsoclip{os.sep}" in path]
+    if calls:
+        operation = f"collective {calls[0]}"
+    elif any(path.endswith(os.path.join("autograd", "graph.py")) for path, _ in frames):
+        operation = "DDP gradient all-reduce in backward"
+    else:
+        return None
+    caller = f" (in {ours[-1]})" if ours else ""
+    return f"{operation}{caller} {what}"
 
 
 def shutdown():

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import Checkpointer
 from .data import get_data
-from .distributed import barrier, broadcast_object, init_distributed, shutdown
+from .distributed import barrier, broadcast_object, describe_collective_failure, init_distributed, shutdown
 from .logger import MetricsLogger, setup_logging
 from .loss import create_loss
 from .model import create_model_and_transforms
@@ -24,6 +24,11 @@ from .params import UsageError, parse_args
 from .precision import grad_scaler
 from .scheduler import LRSchedule
 from .train import Run, stop_agreed, train_one_epoch
+
+# Exit status of a run stopped by SIGTERM after its step checkpoint: 128 + 15, as a shell reports
+# a process ended by SIGTERM. Non-zero because the run is unfinished: torchrun --max-restarts
+# restarts it and SLURM requeues it, and neither mistakes it for a completed job.
+STOPPED_ON_REQUEST = 128 + signal.SIGTERM
 
 
 def random_seed(seed: int, rank: int = 0):
@@ -122,7 +127,8 @@ def install_preemption_handler(run):
     signal.signal(signal.SIGTERM, request_stop)
 
 
-def train(args):
+def train(args) -> bool:
+    """True when the run finished; False when it stopped on request after a step checkpoint."""
     world = init_distributed(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                              backend=args.dist_backend, dist_url=args.dist_url,
                              timeout_minutes=args.dist_timeout, set_device_rank=not args.no_set_device_rank)
@@ -152,7 +158,8 @@ def train(args):
 
     if "train" not in data:
         evaluate_and_record(run, data, tokenizer, preprocess_val, 0, run_dir, True, metrics.writer)
-        return run_dir
+        metrics.close()
+        return True
     steps_per_epoch = data["train"].num_batches // args.accum_freq
     if steps_per_epoch == 0:
         raise UsageError(f"--accum-freq {args.accum_freq} exceeds the {data['train'].num_batches} batches per epoch")
@@ -166,24 +173,26 @@ def train(args):
     elif args.resume == "latest":
         logging.info("--resume latest: no checkpoint yet in %s, starting fresh", checkpoints.dir)
 
-    for epoch in range(start_epoch, args.epochs):
-        finished = train_one_epoch(run, data["train"], epoch, start_batch if epoch == start_epoch else 0)
-        if not finished:
-            logging.warning("Stopped at step %d on request; continue with --resume latest", run.step)
-            return run_dir
-        completed = epoch + 1
-        checkpoints.save_epoch(run, completed)
-        evaluate_and_record(run, data, tokenizer, preprocess_val, completed, run_dir,
-                            completed == args.epochs, metrics.writer)
-        if completed < args.epochs and stop_agreed(run):
-            logging.warning("Stopped after epoch %d on request; continue with --resume latest", completed)
-            return run_dir
-    metrics.close()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            finished = train_one_epoch(run, data["train"], epoch, start_batch if epoch == start_epoch else 0)
+            if not finished:
+                logging.warning("Stopped at step %d on request; continue with --resume latest", run.step)
+                return False
+            completed = epoch + 1
+            checkpoints.save_epoch(run, completed)
+            evaluate_and_record(run, data, tokenizer, preprocess_val, completed, run_dir,
+                                completed == args.epochs, metrics.writer)
+            if completed < args.epochs and stop_agreed(run):
+                logging.warning("Stopped after epoch %d on request; continue with --resume latest", completed)
+                return False
+    finally:
+        metrics.close()
     if world.is_master:
         logging.info("Done. Log: %s  TensorBoard: %s  Checkpoints: %s", run_dir / "out.log",
                      run_dir / "tensorboard" if metrics.writer else "(--report-to tensorboard to enable)",
                      run_dir / "checkpoints")
-    return run_dir
+    return True
 
 
 def one_line(error: BaseException) -> str:
@@ -200,20 +209,21 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        train(args)
+        finished = train(args)
     except (ValueError, RuntimeError) as error:
-        if args.debug or not is_user_error(error):
+        message = one_line(error) if is_user_error(error) else describe_collective_failure(error, args.dist_timeout)
+        if args.debug or message is None:
             raise
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     finally:
         shutdown()
-    return 0
+    return 0 if finished else STOPPED_ON_REQUEST
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Our own error types (bad flags, files, checkpoints, launch, data) print as one line; any
-    other exception is a bug and keeps its traceback."""
+    """Our own error types (bad flags, files, checkpoints, launch, data) print as one line, and so
+    does a collective broken by another rank; any other exception is a bug and keeps its traceback."""
     return type(error).__module__.startswith("nsoclip") or "nsoclip." in str(error)
 
 

@@ -322,6 +322,8 @@ def validate(args):
         raise UsageError(f"--nso-sigma {args.nso_sigma}: must be >= 0")
     if not 0.0 <= args.nso_lam <= 1.0:
         raise UsageError(f"--nso-lam {args.nso_lam}: must be in [0, 1]")
+    if args.nso_sigma_schedule != "constant" and args.nso_sigma_ramp_steps == 0:
+        raise UsageError(f"--nso-sigma-schedule {args.nso_sigma_schedule} needs --nso-sigma-ramp-steps > 0")
     if args.sam_rho < 0:
         raise UsageError(f"--sam-rho {args.sam_rho}: must be >= 0")
     if args.hessian_probes < 1:

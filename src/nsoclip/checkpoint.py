@@ -7,7 +7,7 @@ A checkpoint is a plain dict of tensors and Python primitives so that it loads w
 import logging
 import os
 import pickle
-import zipfile
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -47,11 +47,14 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0] if str(error) else "unsafe content"
-        raise CheckpointError(f"checkpoint {path}: refused, it is not a plain tensor checkpoint "
-                              f"(weights_only load failed: {reason})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path}: corrupt or truncated ({str(error).splitlines()[0]})") from None
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsafe:
+            raise CheckpointError(f"checkpoint {path}: refused, it is not a plain tensor checkpoint (it pickles "
+                                  f"{unsafe.group(1)}, which weights_only loading never runs)") from None
+        raise CheckpointError(f"checkpoint {path}: corrupt or truncated (not a torch.save file)") from None
+    except Exception as error:  # whatever garbage makes the unpickler raise, the file is unusable
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path}: corrupt or truncated ({reason})") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(checkpoint).__name__}")
     return checkpoint
@@ -141,6 +144,15 @@ class Checkpointer:
         self.dir = Path(checkpoint_dir)
         self.args = args
         self.is_master = is_master
+        if is_master:
+            self.remove_partial_writes()
+
+    def remove_partial_writes(self):
+        """A writer killed mid-save leaves its temporary file (never a `*.pt`, so never resumed
+        from); rank 0 of the next start removes them, as no other process writes here."""
+        for leftover in self.dir.glob(".*.pt.tmp-*"):
+            logging.warning("Removing %s, left by a checkpoint write that was interrupted", leftover)
+            leftover.unlink(missing_ok=True)
 
     def state(self, run, epoch: int, batch: int) -> dict:
         return {
@@ -153,7 +165,11 @@ class Checkpointer:
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "nonfinite_total": run.nonfinite_total,
             "world_size": run.world.world_size,
+            "global_batch_size": self.global_batch_size(run),
         }
+
+    def global_batch_size(self, run) -> int:
+        return self.args.batch_size * run.world.world_size
 
     def save_step(self, run, epoch: int, batch: int):
         if not self.is_master:
@@ -202,6 +218,14 @@ class Checkpointer:
     def restore(self, run, path: Path, steps_per_epoch: int):
         """Load model, optimizer and scaler state; returns (epoch, batch) to continue from."""
         checkpoint = load_checkpoint(path)
+        epoch = int(checkpoint.get("epoch", 0))
+        batch = int(checkpoint.get("batch", 0))
+        saved_batch_size = checkpoint.get("global_batch_size")
+        if batch and saved_batch_size not in (None, self.global_batch_size(run)):
+            raise CheckpointError(
+                f"--resume {path}: stopped mid-epoch with a global batch of {saved_batch_size}, now "
+                f"{self.global_batch_size(run)} (--batch-size {self.args.batch_size} x {run.world.world_size} "
+                "ranks); resume with the same global batch, or from an epoch checkpoint")
         load_model_weights(run.model, checkpoint, label=f"--resume {path}")
         if "optimizer" in checkpoint:
             try:
@@ -211,8 +235,6 @@ class Checkpointer:
                                       f"({str(error).splitlines()[0]})") from None
         if run.scaler is not None and checkpoint.get("scaler"):
             run.scaler.load_state_dict(checkpoint["scaler"])
-        epoch = int(checkpoint.get("epoch", 0))
-        batch = int(checkpoint.get("batch", 0))
         run.step = int(checkpoint.get("step", epoch * steps_per_epoch))
         run.nonfinite_total = int(checkpoint.get("nonfinite_total", 0))
         return epoch, batch

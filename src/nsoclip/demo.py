@@ -11,6 +11,7 @@ is a subprocess whose command is printed and written into the report, so each ca
 import argparse
 import contextlib
 import importlib.resources
+import json
 import os
 import random
 import re
@@ -113,6 +114,11 @@ def write_image_folders(output: Path, image_size: int, test_size: int, seed: int
     templates = output / "templates.txt"
     templates.write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")
     return train_dir, len(order), zeroshot_dir, classnames, templates
+
+
+def shard_flags(train_dir: Path, shards: Path, num_train: int, num_shards: int) -> List[str]:
+    """`nsoclip.shards` flags that spread the training pairs over num_shards equal shards."""
+    return ["--images", str(train_dir), "--output", str(shards), "--maxcount", str(-(-num_train // num_shards))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,13 +282,12 @@ def run_demo(args, output: Path, config: str, started: float) -> int:
     train_dir, num_train, zeroshot_dir, classnames, templates = write_image_folders(
         output, args.image_size, args.test_size, args.seed)
     shards = output / "shards"
-    maxcount = -(-num_train // args.num_shards)
-    shard_command = [sys.executable, "-m", "nsoclip.shards", "--images", str(train_dir), "--output", str(shards),
-                     "--maxcount", str(maxcount)]
+    shard_command = [sys.executable, "-m", "nsoclip.shards", *shard_flags(train_dir, shards, num_train, args.num_shards)]
     run_stage(f"packing {num_train} training pairs into {args.num_shards} webdataset shards", shard_command,
               logs / "shards.log", args.stage_timeout)
-    data = DemoData(train_pattern=str(shards / f"shard-{{000000..{args.num_shards - 1:06d}}}.tar"),
-                    num_train=num_train, num_shards=args.num_shards, zeroshot_dir=zeroshot_dir,
+    num_shards = len(json.loads((shards / "sizes.json").read_text()))
+    data = DemoData(train_pattern=str(shards / f"shard-{{000000..{num_shards - 1:06d}}}.tar"),
+                    num_train=num_train, num_shards=num_shards, zeroshot_dir=zeroshot_dir,
                     classnames=classnames, templates=templates)
 
     runs = output / "runs"
@@ -307,7 +312,7 @@ def run_demo(args, output: Path, config: str, started: float) -> int:
     from .report import write_report
     settings = {
         "data": f"sklearn digits: {num_train} train / {args.test_size} held-out test, "
-                f"{args.image_size}x{args.image_size} px, {args.num_shards} shards",
+                f"{args.image_size}x{args.image_size} px, {num_shards} shards",
         "training captions": " | ".join(TRAIN_PHRASINGS),
         "zero-shot templates": " | ".join(ZEROSHOT_TEMPLATES),
         "zero-shot class names": ", ".join(DIGIT_WORDS),

@@ -103,7 +103,8 @@ def describe_collective_failure(error: BaseException, timeout_minutes: float) ->
         return None
     frames = [(frame.f_code.co_filename, frame.f_code.co_name) for frame, _ in traceback.walk_tb(error.__traceback__)]
     calls = [name for path, name in frames if path.endswith("distributed_c10d.py")]
-    ours = [f"{Path(path).stem}.{name}" for path, name in frames if f"nsoclip{os.sep}" in path]
+    ours = [f"{Path(path).stem}.{name}" for path, name in frames
+            if f"nsoclip{os.sep}" in path and not path.endswith(f"nsoclip{os.sep}distributed.py")]
     if calls:
         operation = f"collective {calls[0]}"
     elif any(path.endswith(os.path.join("autograd", "graph.py")) for path, _ in frames):

@@ -222,8 +222,8 @@ def main(argv=None) -> int:
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Our own error types (bad flags, files, checkpoints, launch, data) print as one line, and so
-    does a collective broken by another rank; any other exception is a bug and keeps its traceback."""
+    """Our own error types (bad flags, files, checkpoints, launch, data) print as one line; any
+    other exception is a bug and keeps its traceback."""
     return type(error).__module__.startswith("nsoclip") or "nsoclip." in str(error)
 
 

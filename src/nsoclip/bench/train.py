@@ -1,22 +1,24 @@
-"""Our AdamW training loop against OpenCLIP's `open_clip_train.main`, same model, synthetic data,
-batch and precision, run alternately in one invocation.
+"""Our AdamW training loop against OpenCLIP's (`open_clip_train.train.train_one_epoch`, shipped in
+the open_clip_torch wheel), side by side in one process: same model config and initial weights,
+synthetic data through each project's own data pipeline, same batch, precision and optimizer.
 
-Each run is a fresh process (as a user would launch it) training for --steps steps; the figure is
-the median per-step time each loop logs after --skip warm-up steps, so process start-up and model
-construction do not count for either side. The two loops log differently (OpenCLIP: `Batch (t):
-0.123`; ours: `step_time: 0.123`), and both times cover data loading, forward, backward and the
-optimizer step.
+The two loops run alternately, one short epoch of --steps optimizer steps each, for --rounds
+rounds; the first round is warm-up. The figure is the median over rounds of the ratio of the two
+epochs' wall times, so load that comes and goes on a shared machine hits both sides alike.
 
-    python -m nsoclip.bench train [--model CONFIG.json] [--batch-size 32] [--steps 30] [--rounds 3]
+    python -m nsoclip.bench train [--model CONFIG.json] [--batch-size 32] [--steps 8] [--rounds 7]
 """
 import argparse
 import json
-import re
+import logging
 import statistics
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import open_clip
+import torch
 
 BENCH_MODEL = {
     "embed_dim": 128,
@@ -24,73 +26,117 @@ BENCH_MODEL = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4},
 }
 
-OPEN_CLIP_LAUNCHER = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
-                      "from open_clip_train.main import main; main(sys.argv[2:])")
+
+def shared_flags(args, model_name, samples):
+    return ["--dataset-type", "synthetic", "--train-num-samples", str(samples), "--model", model_name,
+            "--batch-size", str(args.batch_size), "--epochs", "1000", "--workers", str(args.workers),
+            "--precision", args.precision, "--lr", "1e-4", "--warmup", "10", "--log-every-n-steps",
+            str(10 ** 6), "--seed", "0", "--device", args.device]
 
 
-def common_flags(args, model_name, logs, name):
-    return ["--dataset-type", "synthetic", "--train-num-samples", str(args.batch_size * args.steps),
-            "--model", model_name, "--batch-size", str(args.batch_size), "--epochs", "1",
-            "--workers", str(args.workers), "--precision", args.precision, "--lr", "1e-4",
-            "--warmup", "10", "--log-every-n-steps", "1", "--logs", str(logs), "--name", name,
-            "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--seed", "0",
-            "--device", args.device]
+def build_model(name, device, precision):
+    torch.manual_seed(0)
+    return open_clip.create_model_and_transforms(name, precision=precision, device=device, output_dict=True)
 
 
-def step_times(output: str, pattern: str, skip: int):
-    times = [float(t) for t in re.findall(pattern, output)]
-    if len(times) <= skip:
-        raise RuntimeError(f"too few logged steps ({len(times)}) in output:\n{output[-3000:]}")
-    return times[skip:]
+class SilentMetrics:
+    writer = None
+
+    def log_train(self, *args, **kwargs):
+        pass
 
 
-def run_ours(args, config: Path, logs: Path, name: str):
-    command = [sys.executable, "-m", "nsoclip.main", *common_flags(args, str(config), logs, name)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return step_times(output, r"step_time: ([0-9.e-]+)", args.skip)
+def nsoclip_epoch_runner(args, name, samples):
+    from nsoclip.data import get_data
+    from nsoclip.distributed import World
+    from nsoclip.loss import create_loss
+    from nsoclip.optim import create_optimizer
+    from nsoclip.params import parse_args
+    from nsoclip.precision import grad_scaler
+    from nsoclip.scheduler import LRSchedule
+    from nsoclip.train import Run, train_one_epoch
+
+    flags = parse_args(shared_flags(args, name, samples))
+    world = World(device=torch.device(args.device))
+    model, preprocess_train, preprocess_val = build_model(name, world.device, args.precision)
+    data = get_data(flags, (preprocess_train, preprocess_val), open_clip.get_tokenizer(name), world)["train"]
+    optimizer = create_optimizer(flags, model)
+    run = Run(args=flags, world=world, model=model, ddp_model=None, loss=create_loss(flags, world),
+              optimizer=optimizer, scaler=grad_scaler(args.precision, world.device),
+              schedule=LRSchedule(optimizer, flags, data.num_batches), checkpoints=None, metrics=SilentMetrics())
+    epochs = iter(range(10 ** 6))
+    return lambda: train_one_epoch(run, data, next(epochs))
 
 
-def run_open_clip(args, config: Path, logs: Path, name: str):
-    command = [sys.executable, "-c", OPEN_CLIP_LAUNCHER, str(config),
-               *common_flags(args, config.stem, logs, name)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return step_times(result.stdout + result.stderr, r"Batch \(t\): ([0-9.]+)", args.skip)
+def open_clip_epoch_runner(args, name, samples):
+    from open_clip_train.data import get_data
+    from open_clip_train.params import parse_args
+    from open_clip_train.scheduler import cosine_lr
+    from open_clip_train.train import train_one_epoch
+
+    from nsoclip.optim import parameter_groups
+
+    flags = parse_args(shared_flags(args, name, samples))
+    # What open_clip_train.main.main derives from the flags before it trains.
+    flags.distributed, flags.world_size, flags.rank, flags.local_rank = False, 1, 0, 0
+    flags.distill, flags.wandb, flags.save_logs, flags.horovod = False, False, False, False
+    model, preprocess_train, preprocess_val = build_model(name, torch.device(args.device), args.precision)
+    data = get_data(flags, (preprocess_train, preprocess_val), epoch=0, tokenizer=open_clip.get_tokenizer(name))
+    optimizer = torch.optim.AdamW(parameter_groups(model, flags.wd), lr=flags.lr,
+                                  betas=(flags.beta1, flags.beta2), eps=flags.eps)
+    scaler = torch.amp.GradScaler(args.device) if args.precision == "amp" else None
+    scheduler = cosine_lr(optimizer, flags.lr, flags.warmup, data["train"].dataloader.num_batches * flags.epochs)
+    loss = open_clip.ClipLoss()
+    epochs = iter(range(10 ** 6))
+    return lambda: train_one_epoch(model, data, loss, next(epochs), optimizer, scaler, scheduler, None, flags)
+
+
+def timed(run_epoch, device):
+    start = time.perf_counter()
+    run_epoch()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nsoclip.bench train")
     parser.add_argument("--model", default=None, help="Model-config JSON (default: a 4-layer ViT at 64 px).")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--skip", type=int, default=5, help="Warm-up steps left out of the median.")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=8, help="Optimizer steps per timed epoch.")
+    parser.add_argument("--rounds", type=int, default=7, help="Alternating epoch pairs; the first is warm-up.")
+    parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    logging.disable(logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        config = Path(args.model) if args.model else tmp / "bench-vit.json"
+        config = Path(args.model) if args.model else Path(tmp) / "bench-vit.json"
         if not args.model:
             config.write_text(json.dumps(BENCH_MODEL))
-        ours, theirs = [], []
+        open_clip.add_model_config(config)
+        samples = args.batch_size * args.steps
+        ours = nsoclip_epoch_runner(args, config.stem, samples)
+        theirs = open_clip_epoch_runner(args, config.stem, samples)
+        times = {"nsoclip": [], "open_clip": []}
         for round_index in range(args.rounds):
-            ours.append(statistics.median(run_ours(args, config, tmp / "ours", f"r{round_index}")))
-            theirs.append(statistics.median(run_open_clip(args, config, tmp / "openclip", f"r{round_index}")))
-    ours_step, theirs_step = statistics.median(ours), statistics.median(theirs)
-    result = {
+            pair = [("nsoclip", ours), ("open_clip", theirs)]
+            for label, run_epoch in (pair if round_index % 2 == 0 else pair[::-1]):
+                times[label].append(timed(run_epoch, args.device) / args.steps)
+
+    ratios = [o / n for n, o in zip(times["nsoclip"][1:], times["open_clip"][1:])]
+    ours_step, theirs_step = statistics.median(times["nsoclip"][1:]), statistics.median(times["open_clip"][1:])
+    print(json.dumps({
         "benchmark": "train",
-        "model": str(args.model or "bench-vit (4-layer ViT-256, 64 px, text 4x256)"),
+        "model": str(args.model or "bench-vit (ViT 4x256 at 64 px, text 4x256)"),
         "batch_size": args.batch_size, "precision": args.precision, "device": args.device,
-        "steps_per_run": args.steps, "rounds": args.rounds,
-        "nsoclip_step_s": ours_step, "open_clip_step_s": theirs_step,
+        "workers": args.workers, "steps_per_epoch": args.steps, "timed_rounds": args.rounds - 1,
         "nsoclip_samples_per_s": args.batch_size / ours_step,
         "open_clip_samples_per_s": args.batch_size / theirs_step,
-        "throughput_ratio_nsoclip_over_open_clip": theirs_step / ours_step,
-        "per_round_step_s": {"nsoclip": ours, "open_clip": theirs},
-    }
-    print(json.dumps(result, indent=2))
+        "throughput_ratio_nsoclip_over_open_clip": statistics.median(ratios),
+        "per_round_ratio": ratios,
+    }, indent=2))
     return 0
 
 

@@ -1,0 +1,184 @@
+"""The demo's data preparation (split, images, captions, shards, zero-shot tree), its stage
+runner's failure reporting, and (slow) the whole demo end to end with tiny settings."""
+import argparse
+import io
+import re
+import string
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, cpu_env
+
+from nsoclip import demo
+from nsoclip.shards import main as shards_main
+from nsoclip.zero_shot import load_set
+
+TEST_SIZE = 300
+SEED = 0
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """The demo's image folders and shards, written once for the module."""
+    output = tmp_path_factory.mktemp("demo")
+    train_dir, num_train, zeroshot_dir, classnames, templates = demo.write_image_folders(output, 32, TEST_SIZE, SEED)
+    shards = output / "shards"
+    assert shards_main(demo.shard_flags(train_dir, shards, num_train, 4)) == 0
+    return argparse.Namespace(output=output, train_dir=train_dir, num_train=num_train, zeroshot_dir=zeroshot_dir,
+                              classnames=classnames, templates=templates, shards=shards)
+
+
+def shard_samples(shards: Path):
+    """{shard name: [(png bytes, caption), ...]} read back with plain tarfile."""
+    contents = {}
+    for shard in sorted(shards.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = sorted({name.split(".")[0] for name in members})
+        contents[shard.name] = [(members[f"{k}.png"], members[f"{k}.txt"].decode()) for k in keys]
+    return contents
+
+
+def label_of_caption(caption: str) -> int:
+    for phrasing in demo.TRAIN_PHRASINGS:
+        for label in range(10):
+            if caption == phrasing.format(digit=label, word=demo.DIGIT_WORDS[label]):
+                return label
+    raise AssertionError(f"caption {caption!r} matches no training phrasing")
+
+
+def sentence_shape(text: str) -> str:
+    """The text with its class slot and punctuation removed: 'a photo of the number {}.' and
+    'a photo of the number 7' have the same shape."""
+    text = re.sub(r"\{\w*\}", "", text)
+    return " ".join(text.translate(str.maketrans("", "", string.punctuation)).split())
+
+
+def test_split_is_disjoint_stratified_and_fixed_by_the_seed():
+    digits, train, test = demo.split_digits(TEST_SIZE, SEED)
+    assert len(digits.target) == 1797
+    assert len(test) == TEST_SIZE and len(train) == 1797 - TEST_SIZE
+    assert not set(train) & set(test) and set(train) | set(test) == set(range(1797))
+    assert set(Counter(digits.target[test]).values()) <= {29, 30, 31}
+    again = demo.split_digits(TEST_SIZE, SEED)
+    assert np.array_equal(again[1], train) and np.array_equal(again[2], test)
+    assert not np.array_equal(demo.split_digits(TEST_SIZE, SEED + 1)[2], test)
+
+
+def test_digit_image_is_upscaled_rgb_and_contrast_stretched():
+    pixels = np.zeros((8, 8))
+    pixels[2:6, 3] = 9.0
+    image = demo.digit_image(pixels, 32)
+    assert image.size == (32, 32) and image.mode == "RGB"
+    array = np.asarray(image)
+    assert array.min() == 0 and array.max() == 255
+    assert np.array_equal(array[..., 0], array[..., 2])
+
+
+def test_shards_hold_every_training_scan_with_its_caption(written):
+    digits, train, _ = demo.split_digits(TEST_SIZE, SEED)
+    contents = shard_samples(written.shards)
+    assert len(contents) == 4 and written.num_train == len(train)
+    assert sum(map(len, contents.values())) == len(train)
+    # Every shard mixes all classes (a rank or worker never sees only some digits).
+    for samples in contents.values():
+        assert {label_of_caption(caption) for _, caption in samples} == set(range(10))
+    # Each stored image is the demo's rendering of a training scan of the caption's class.
+    expected = Counter()
+    for index in train:
+        rendered = np.asarray(demo.digit_image(digits.images[index], 32))
+        expected[(rendered.tobytes(), int(digits.target[index]))] += 1
+    stored = Counter()
+    for samples in contents.values():
+        for png, caption in samples:
+            stored[(np.asarray(Image.open(io.BytesIO(png))).tobytes(), label_of_caption(caption))] += 1
+    assert stored == expected
+
+
+def test_captions_use_several_phrasings_with_numerals_and_words(written):
+    captions = [caption for samples in shard_samples(written.shards).values() for _, caption in samples]
+    shapes = Counter(sentence_shape(re.sub(r"\b(\d|" + "|".join(demo.DIGIT_WORDS) + r")\b", "{}", c))
+                     for c in captions)
+    assert len(shapes) == len(demo.TRAIN_PHRASINGS) >= 4
+    assert min(shapes.values()) > len(captions) / len(demo.TRAIN_PHRASINGS) / 2
+    assert any(re.search(r"\d", c) for c in captions) and any("seven" in c for c in captions)
+
+
+def test_zero_shot_tree_holds_exactly_the_test_scans_and_templates_are_unseen(written):
+    digits, train, test = demo.split_digits(TEST_SIZE, SEED)
+    args = argparse.Namespace(zeroshot_classnames=str(written.classnames), zeroshot_templates=str(written.templates))
+    zs = load_set(args, "digits", "--zeroshot-data", str(written.zeroshot_dir))
+    assert zs.prefix == demo.ZEROSHOT_SET and zs.classnames == list(demo.DIGIT_WORDS)
+    assert sorted(int(Path(path).stem) for path, _ in zs.samples) == sorted(test)
+    assert all(label == digits.target[int(Path(path).stem)] for path, label in zs.samples)
+    # No prompt has the sentence shape of a training caption, nor equals one once filled in.
+    train_shapes = {sentence_shape(p) for p in demo.TRAIN_PHRASINGS}
+    assert not {sentence_shape(t) for t in zs.templates} & train_shapes
+    captions = {p.format(digit=d, word=w) for p in demo.TRAIN_PHRASINGS for d, w in enumerate(demo.DIGIT_WORDS)}
+    assert not {t.format(name) for t in zs.templates for name in [*demo.DIGIT_WORDS, *map(str, range(10))]} & captions
+
+
+def test_output_folder_from_an_earlier_demo_is_replaced_and_others_refused(tmp_path):
+    demo.prepare_output(tmp_path / "out")
+    (tmp_path / "out" / "old.txt").write_text("x")
+    demo.prepare_output(tmp_path / "out")
+    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "logs").is_dir()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(demo.DemoError, match="not made by the demo"):
+        demo.prepare_output(foreign)
+    assert (foreign / "keep.txt").exists()
+
+
+def test_failed_stage_reports_its_command_and_output_tail(tmp_path):
+    command = [sys.executable, "-c", "print('loading'); import sys; sys.exit('boom: bad shard')"]
+    with pytest.raises(demo.DemoError) as caught:
+        demo.run_stage("failing stage", command, tmp_path / "stage.log", timeout=60)
+    message = str(caught.value)
+    assert "exited with status 1" in message and "sys.exit" in message and "boom: bad shard" in message
+    assert "loading" in (tmp_path / "stage.log").read_text()
+
+
+def test_hanging_stage_is_killed_at_its_timeout(tmp_path):
+    command = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    with pytest.raises(demo.DemoError, match="timed out after 1 s"):
+        demo.run_stage("hanging stage", command, tmp_path / "stage.log", timeout=1)
+
+
+def test_progress_lines_summarise_epochs_and_zero_shot():
+    end = "2024 | INFO | Train epoch 2 [11/11] step 33 | loss: 4.4536 lr: 0.001"
+    middle = "2024 | INFO | Train epoch 2 [5/11] step 27 | loss: 4.5 lr: 0.001"
+    evaluation = "2024 | INFO | Eval epoch 3 | digits-zeroshot-val-top1: 0.3400 digits-zeroshot-val-top5: 0.8"
+    assert demo.progress_line(end) == "    epoch 3: step 33, training loss 4.454"
+    assert demo.progress_line(middle) is None
+    assert demo.progress_line(evaluation) == "    zero-shot top-1 on held-out digits: 34.0%"
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_with_tiny_settings(tmp_path):
+    import subprocess
+    output = tmp_path / "demo-out"
+    result = subprocess.run(
+        [sys.executable, "-m", "nsoclip.demo", "--output", str(output), "--epochs", "1", "--batch-size", "32",
+         "--hessian-batches", "1", "--hessian-probes", "2", "--hessian-max-iter", "2", "--noise-draws", "1",
+         "--stage-timeout", "200"],
+        capture_output=True, text=True, timeout=400, env=cpu_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = Path(result.stdout.strip().splitlines()[-1])
+    assert report == output / "report" / "report.md"
+    text = report.read_text()
+    for run in ("adamw", "nso"):
+        assert f"`{run}`: {output / 'runs' / run}" in text
+        assert (output / "runs" / run / "hessian.json").is_file()
+    assert "--opt nso --nso-sigma" in text and "--nso-two-point --nso-lam 0" in text
+    assert {p.name for p in report.parent.glob("*.png")} == {"train_loss.png", "zeroshot_accuracy.png",
+                                                             "hessian_blocks.png"}
+    rows = [line for line in text.splitlines() if line.startswith(("| adamw |", "| nso |"))]
+    assert len(rows) == 4 and not any("n/a" in row for row in rows[:2])

@@ -1,0 +1,299 @@
+"""Faults a long run must survive (docs/faults.md): a rank killed with SIGKILL under
+torchrun --max-restarts, SIGTERM preemption, a checkpoint write killed mid-way, non-finite
+losses, a rank hung in a collective, and resuming on another world size. Each run is compared
+with an uninterrupted one: exactly where the world size is the same, within float tolerance
+where it changes."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import REPO, cpu_env, free_port, run_cli
+from test_train_cli import assert_same_weights, weights
+
+from nsoclip.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, save_checkpoint
+from nsoclip.main import STOPPED_ON_REQUEST
+
+DEADLINE = 180  # seconds any one launched job may take before the test fails
+
+
+def flags(config, logs, name, *extra, batch, samples=64, epochs=3):
+    """Constant lr after warmup: the schedule depends on the step only, so --epochs may differ
+    between the segments of one run. --local-loss --gather-with-grad makes 2 ranks x B/2 the
+    same objective as 1 rank x B."""
+    return ["--dataset-type", "synthetic", "--train-num-samples", samples, "--model", config,
+            "--batch-size", batch, "--epochs", epochs, "--workers", 0, "--device", "cpu", "--precision", "fp32",
+            "--logs", logs, "--name", name, "--warmup", 2, "--lr-scheduler", "const", "--log-every-n-steps", 1,
+            "--seed", 3, "--local-loss", "--gather-with-grad", *extra]
+
+
+def launch(args, logfile: Path, nproc=1, torchrun_flags=()):
+    """Start a run in its own session (so the test can signal it alone) with output in logfile."""
+    if nproc == 1:
+        command = [sys.executable, "-m", "nsoclip.main", *map(str, args)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={free_port()}", *torchrun_flags, "-m", "nsoclip.main", "--", *map(str, args)]
+    with open(logfile, "w") as out:
+        return subprocess.Popen(command, env=cpu_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_until(condition, process, what: str, timeout=DEADLINE, poll=0.02):
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before {what}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
+
+
+def finish(process, timeout=DEADLINE) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+
+
+def trained_a_step(run_dir: Path):
+    return lambda: "Train epoch" in read(run_dir / "out.log")
+
+
+def read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def workers_of(agent_pid: int):
+    """The torchrun agent's children, by rank (read from each one's environment)."""
+    workers = {}
+    for pid in map(int, subprocess.run(["ps", "--ppid", str(agent_pid), "-o", "pid="], capture_output=True,
+                                       text=True).stdout.split()):
+        environ = dict(item.split("=", 1) for item in
+                       Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
+        workers[int(environ["RANK"])] = pid
+    return workers
+
+
+@pytest.fixture(scope="module")
+def single_reference(tiny_config_path, tmp_path_factory):
+    """1 rank x global batch 8 for 3 epochs, uninterrupted: the reference of the SIGTERM,
+    truncated-checkpoint and world-size tests."""
+    logs = tmp_path_factory.mktemp("reference")
+    run_cli(flags(tiny_config_path, logs, "straight", batch=8))
+    return weights(logs / "straight", "epoch_3.pt")
+
+
+@pytest.fixture(scope="module")
+def tiny_config_path():
+    return str(Path(__file__).parent / "configs" / "tiny-vit.json")
+
+
+@pytest.fixture(scope="module")
+def preempted(tiny_config_path, tmp_path_factory):
+    """A single-process run stopped by SIGTERM mid-epoch (as SLURM preempts): (logs, flags, exit code)."""
+    logs = tmp_path_factory.mktemp("preempted")
+    args = flags(tiny_config_path, logs, "run", "--resume", "latest", batch=8)
+    process = launch(args, logs / "first.txt")
+    wait_until(trained_a_step(logs / "run"), process, "the first step")
+    process.send_signal(signal.SIGTERM)
+    return logs, args, finish(process)
+
+
+def test_sigterm_writes_step_checkpoint_and_resume_is_exact(preempted, single_reference, tmp_path):
+    logs, args, code = preempted
+    assert code == STOPPED_ON_REQUEST == 143
+    checkpoints = sorted(p.name for p in (logs / "run" / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and checkpoints[0].startswith("step_"), checkpoints
+    assert "Stopped at step" in read(logs / "run" / "out.log")
+    resumed = tmp_path / "run"
+    shutil.copytree(logs / "run", resumed)
+    run_cli([str(tmp_path) if a == logs else a for a in args])
+    assert f"Resumed from {resumed / 'checkpoints' / checkpoints[0]}" in read(resumed / "out.log")
+    assert_same_weights(weights(resumed, "epoch_3.pt"), single_reference, atol=0, rtol=0)
+
+
+def test_truncated_newer_checkpoint_and_leftover_temp_file_are_never_picked(preempted, single_reference, tmp_path):
+    """What a non-atomic writer killed mid-save would leave: a truncated `step_N.pt` with a
+    higher step, plus our own writer's temporary file. Resume uses the complete checkpoint."""
+    logs, args, _ = preempted
+    run_dir = tmp_path / "run"
+    shutil.copytree(logs / "run", run_dir)
+    good = next((run_dir / "checkpoints").glob("step_*.pt"))
+    data = good.read_bytes()
+    (run_dir / "checkpoints" / "step_1000.pt").write_bytes(data[:len(data) // 2])
+    leftover = run_dir / "checkpoints" / ".step_2000.pt.tmp-4242"
+    leftover.write_bytes(data[:1000])
+    assert latest_checkpoint(run_dir / "checkpoints") == good
+    run_cli([str(tmp_path) if a == logs else a for a in args])
+    log = read(run_dir / "out.log")
+    assert f"Resumed from {good}" in log and "step_1000.pt: corrupt or truncated" in log
+    assert not leftover.exists(), "the next start removes leftovers of interrupted writes"
+    assert_same_weights(weights(run_dir, "epoch_3.pt"), single_reference, atol=0, rtol=0)
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    """SIGKILL a process while save_checkpoint writes a big state over an existing checkpoint."""
+    checkpoint_dir = tmp_path / "checkpoints"
+    target = checkpoint_dir / "step_2.pt"
+    save_checkpoint({"step": 2, "state_dict": {"w": torch.arange(4.0)}}, target)
+    before = target.read_bytes()
+    writer = textwrap.dedent(f"""
+        import torch
+        from nsoclip.checkpoint import save_checkpoint
+        save_checkpoint({{"step": 3, "state_dict": {{"w": torch.ones(32 * 2 ** 20)}}}}, {str(target)!r})
+    """)
+    process = subprocess.Popen([sys.executable, "-c", writer], env=cpu_env(), cwd=REPO)
+    partial = lambda: [p for p in checkpoint_dir.glob(".step_2.pt.tmp-*") if p.stat().st_size > 0]  # noqa: E731
+    wait_until(partial, process, "the temporary file to be written", timeout=60, poll=0.001)
+    process.kill()
+    process.wait(timeout=30)
+    assert partial(), "the write finished before the kill"
+    assert target.read_bytes() == before
+    assert load_checkpoint(target)["step"] == 2
+    assert latest_checkpoint(checkpoint_dir) == target
+    Checkpointer(checkpoint_dir, args=None, is_master=True)
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["step_2.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", [[], ["--opt", "nso", "--nso-sigma", "0.01"]], ids=["adamw", "nso"])
+def test_kill9_of_one_rank_restarts_and_matches_uninterrupted_run(tiny_config_path, tmp_path, optimizer):
+    """torchrun --max-restarts 1 restarts the group after rank 1 is SIGKILLed; the same command
+    resumes from the newest step checkpoint and ends with bit-identical weights."""
+    common = dict(batch=4, samples=64, epochs=2)
+    run_cli(flags(tiny_config_path, tmp_path, "straight", *optimizer, **common), nproc=2)
+    args = flags(tiny_config_path, tmp_path, "killed", *optimizer, "--resume", "latest", "--save-every-n-steps", 3,
+                 **common)
+    agent = launch(args, tmp_path / "killed.txt", nproc=2, torchrun_flags=["--max-restarts", "1"])
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    wait_until(lambda: list(checkpoints.glob("step_*.pt")), agent, "a step checkpoint")
+    assert not (checkpoints / "epoch_2.pt").exists(), "the run ended before the kill"
+    os.kill(workers_of(agent.pid)[1], signal.SIGKILL)
+    assert finish(agent) == 0, read(tmp_path / "killed.txt")[-3000:]
+    log = read(tmp_path / "killed" / "out.log")
+    assert log.count("Run ") == 2 and "Resumed from" in log and "checkpoints/step_" in log.split("Resumed from")[1]
+    assert_same_weights(weights(tmp_path / "straight", "epoch_2.pt"), weights(tmp_path / "killed", "epoch_2.pt"),
+                        atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_world_size_two_to_one_and_back(tiny_config_path, single_reference, tmp_path):
+    """2 ranks x 4 until SIGTERM reaches the torchrun agent mid-epoch (it forwards the signal,
+    the ranks agree on a step and write a step checkpoint), then 1 rank x 8 to the end of epoch
+    2, then 2 ranks x 4 to the end: equal to 1 rank x 8 throughout."""
+    agent = launch(flags(tiny_config_path, tmp_path, "elastic", "--resume", "latest", batch=4),
+                   tmp_path / "first.txt", nproc=2)
+    run_dir = tmp_path / "elastic"
+    wait_until(trained_a_step(run_dir), agent, "the first step")
+    agent.send_signal(signal.SIGTERM)
+    assert finish(agent) != 0
+    stopped_at = [p.name for p in (run_dir / "checkpoints").glob("*.pt")]
+    assert len(stopped_at) == 1 and stopped_at[0].startswith("step_"), stopped_at
+    run_cli(flags(tiny_config_path, tmp_path, "elastic", "--resume", "latest", batch=8, epochs=2))
+    run_cli(flags(tiny_config_path, tmp_path, "elastic", "--resume", "latest", batch=4), nproc=2)
+    log = read(run_dir / "out.log")
+    assert log.count("Resumed from") == 2 and "on 1 process(es)" in log
+    assert_same_weights(weights(run_dir, "epoch_3.pt"), single_reference)
+
+
+@pytest.mark.slow
+def test_hung_rank_ends_the_job_naming_the_collective(tiny_config_path, tmp_path):
+    """SIGSTOP rank 1: rank 0 fails after --dist-timeout with one line naming the collective.
+    (A stopped process ignores torchrun's SIGTERM until continued; the test continues it once
+    rank 0 has failed, so teardown takes seconds rather than torchrun's 30 s SIGKILL grace.)"""
+    agent = launch(flags(tiny_config_path, tmp_path, "hang", "--dist-timeout", 0.1, batch=4), tmp_path / "out.txt",
+                   nproc=2)
+    wait_until(trained_a_step(tmp_path / "hang"), agent, "the first step")
+    workers = workers_of(agent.pid)
+    os.kill(workers[1], signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        wait_until(lambda: not Path(f"/proc/{workers[0]}").exists() or "error:" in read(tmp_path / "out.txt"),
+                   agent, "rank 0 to fail", timeout=60)
+        waited = time.time() - stopped_at
+    finally:
+        os.kill(workers[1], signal.SIGCONT)
+    assert finish(agent, timeout=60) != 0
+    errors = [line for line in read(tmp_path / "out.txt").splitlines() if line.startswith("error:")]
+    assert errors and "timed out after 0.1 min (--dist-timeout 0.1)" in errors[0], errors
+    assert "collective all_reduce" in errors[0] or "DDP gradient all-reduce" in errors[0], errors
+    assert 5.5 <= waited < 40, waited
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_config_path, tmp_path):
+    """A divergent learning rate: step 1 is finite and applied, its update makes every later
+    loss non-finite. Those steps are skipped (the weights and AdamW's step count stay), logged,
+    counted, and after --max-nonfinite-steps in a row the run stops with one line, exit 2,
+    keeping a checkpoint with the last good (finite) weights."""
+    args = flags(tiny_config_path, tmp_path, "diverge", "--lr", "1e20", "--warmup", 0, "--wd", 0,
+                 "--save-every-n-steps", 1, "--max-nonfinite-steps", 3, batch=8, samples=64, epochs=1)
+    result = run_cli(args, check=False)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: 3 consecutive steps with a non-finite loss or gradient (--max-nonfinite-steps 3) "
+                      "at step 4; the last good checkpoint is kept"], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    log = read(tmp_path / "diverge" / "out.log")
+    for streak, step in ((1, 2), (2, 3), (3, 4)):
+        assert f"step {step}: non-finite loss or gradient, update skipped ({streak} in a row)" in log
+    assert "nonfinite_steps: 2" in log  # the third skip stops the run before it is logged
+    checkpoint = load_checkpoint(latest_checkpoint(tmp_path / "diverge" / "checkpoints"))
+    assert checkpoint["step"] == 3 and checkpoint["nonfinite_total"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+    assert {int(s["step"]) for s in checkpoint["optimizer"]["state"].values()} == {1}
+
+
+def skip_decision_worker(rank, port, out_dir):
+    """Rank 1 alone sees a NaN input; DDP all-reduces gradients before apply_update decides."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nsoclip.optim import apply_update
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    start = {k: v.clone() for k, v in model.module.state_dict().items()}
+    decisions = []
+    for poisoned in (True, False):
+        inputs = torch.ones(4, 3)
+        if poisoned and rank == 1:
+            inputs[0, 0] = float("nan")
+        optimizer.zero_grad()
+        model(inputs).square().sum().backward()
+        decisions.append(apply_update(optimizer).applied)
+        if poisoned:
+            unchanged = all(torch.equal(v, start[k]) for k, v in model.module.state_dict().items())
+    torch.save({"decisions": decisions, "unchanged_after_skip": unchanged, "state": model.module.state_dict()},
+               Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    context = mp.start_processes(skip_decision_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
+                                 start_method="fork")
+    deadline = time.time() + 120
+    while not context.join(timeout=5):
+        assert time.time() < deadline, "workers did not finish"
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for result in results:
+        assert result["decisions"] == [False, True]
+        assert result["unchanged_after_skip"]
+    for key in results[0]["state"]:
+        assert torch.equal(results[0]["state"][key], results[1]["state"][key])

@@ -4,6 +4,7 @@ losses, a rank hung in a collective, and resuming on another world size. Each ru
 with an uninterrupted one: exactly where the world size is the same, within float tolerance
 where it changes."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,12 +37,15 @@ def flags(config, logs, name, *extra, batch, samples=64, epochs=3):
 
 
 def launch(args, logfile: Path, nproc=1, torchrun_flags=()):
-    """Start a run in its own session (so the test can signal it alone) with output in logfile."""
+    """Start a run in its own session (so the test can signal it alone) with output in logfile.
+
+    torchrun gets the c10d rendezvous (--standalone): with the static one (--master_port alone)
+    a restarted group reuses the first attempt's store keys and gloo can hang connecting."""
     if nproc == 1:
         command = [sys.executable, "-m", "nsoclip.main", *map(str, args)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   f"--master_port={free_port()}", *torchrun_flags, "-m", "nsoclip.main", "--", *map(str, args)]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   *torchrun_flags, "-m", "nsoclip.main", "--", *map(str, args)]
     with open(logfile, "w") as out:
         return subprocess.Popen(command, env=cpu_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -204,7 +208,20 @@ def test_world_size_two_to_one_and_back(tiny_config_path, single_reference, tmp_
     run_cli(flags(tiny_config_path, tmp_path, "elastic", "--resume", "latest", batch=4), nproc=2)
     log = read(run_dir / "out.log")
     assert log.count("Resumed from") == 2 and "on 1 process(es)" in log
-    assert_same_weights(weights(run_dir, "epoch_3.pt"), single_reference)
+    assert_same_weights_but_key_bias(weights(run_dir, "epoch_3.pt"), single_reference, steps=24)
+
+
+def assert_same_weights_but_key_bias(a, b, steps, lr=5e-4):
+    """Within float tolerance, except the attention key bias: its gradient is zero but for
+    rounding, which depends on the world size, and AdamW turns that noise into steps of up to
+    lr each. It is held to what AdamW could move it, every other tensor to the tight bound."""
+    a, b = dict(a), dict(b)
+    for key in [k for k in a if k.endswith("attn.in_proj_bias")]:
+        width = a[key].numel() // 3
+        torch.testing.assert_close(a[key][width:2 * width], b[key][width:2 * width], atol=2 * lr * steps, rtol=0)
+        a[key], b[key] = a[key].clone(), b[key].clone()
+        a[key][width:2 * width] = b[key][width:2 * width] = 0
+    assert_same_weights(a, b)
 
 
 @pytest.mark.slow
@@ -227,7 +244,7 @@ def test_hung_rank_ends_the_job_naming_the_collective(tiny_config_path, tmp_path
     assert finish(agent, timeout=60) != 0
     errors = [line for line in read(tmp_path / "out.txt").splitlines() if line.startswith("error:")]
     assert errors and "timed out after 0.1 min (--dist-timeout 0.1)" in errors[0], errors
-    assert "collective all_reduce" in errors[0] or "DDP gradient all-reduce" in errors[0], errors
+    assert re.match(r"error: (collective \w+|DDP gradient all-reduce in backward) \(in \w+\.\w+\) timed out", errors[0])
     assert 5.5 <= waited < 40, waited
 
 

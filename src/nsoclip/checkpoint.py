@@ -47,13 +47,14 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsafe:
-            raise CheckpointError(f"checkpoint {path}: refused, it is not a plain tensor checkpoint (it pickles "
-                                  f"{unsafe.group(1)}, which weights_only loading never runs)") from None
-        raise CheckpointError(f"checkpoint {path}: corrupt or truncated (not a torch.save file)") from None
+        detail = (str(error).partition("WeightsUnpickler error:")[2].strip().splitlines() or ["unsafe content"])[0]
+        if detail.startswith("Unsupported operand"):
+            raise CheckpointError(f"checkpoint {path}: corrupt or truncated (not a torch.save file)") from None
+        unsafe = re.match(r"Unsupported global: GLOBAL (\S+)", detail)
+        what = f"it pickles {unsafe.group(1)}, which weights_only loading never runs" if unsafe else detail
+        raise CheckpointError(f"checkpoint {path}: refused, it is not a plain tensor checkpoint ({what})") from None
     except Exception as error:  # whatever garbage makes the unpickler raise, the file is unusable
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path}: corrupt or truncated ({reason})") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(checkpoint).__name__}")

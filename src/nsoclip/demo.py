@@ -49,14 +49,17 @@ DEMO_CONFIG = "nsoclip-demo-vit.json"
 
 
 class DemoError(RuntimeError):
-    """A stage failed; the message holds its command and the tail of its output."""
+    """A stage failed; the message holds its command and the tail of its output (exit status 1)."""
+
+
+class OutputFolderError(ValueError):
+    """--output cannot be used; printed as one line, exit status 2."""
 
 
 @dataclass
 class DemoData:
     train_pattern: str
     num_train: int
-    num_shards: int
     zeroshot_dir: Path
     classnames: Path
     templates: Path
@@ -80,7 +83,7 @@ def digit_image(pixels, size: int):
 
 
 def split_digits(test_size: int, seed: int):
-    """(train indices, test indices) of sklearn's digits: stratified, fixed by the seed, disjoint."""
+    """(sklearn's digits, train indices, test indices): a stratified split fixed by the seed."""
     import numpy as np
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -158,16 +161,34 @@ def progress_line(line: str):
     evaluation = EVAL_LINE.search(line)
     if evaluation:
         return f"    zero-shot top-1 on held-out digits: {100 * float(evaluation.group(2)):.1f}%"
+    if line.startswith('{"trace"'):
+        return hessian_summary(json.loads(line))
     return None
 
 
-def run_stage(title: str, command: Sequence[str], log_path: Path, timeout: float) -> str:
-    """Run one stage, its stdout and stderr into log_path, with progress lines on our stdout.
-    On failure or timeout: DemoError with the command and the last lines of its output."""
+def hessian_summary(summary: dict) -> str:
+    """nsoclip.hessian's one-line JSON summary, shortened; a value it could not compute shows as n/a."""
+    def shown(value, spec):
+        return "n/a" if value is None else format(value, spec)
+    eigenvalues = summary.get("top_eigenvalues") or [None]
+    stability = summary.get("noise_stability") or []
+    parts = [f"Hessian trace {shown(summary.get('trace'), '.4g')} ± {shown(summary.get('stderr'), '.2g')}",
+             f"top eigenvalue {shown(eigenvalues[0], '.4g')}"]
+    parts += [f"noise stability (sigma {entry['sigma']:g}) {shown(entry.get('mean'), '.3g')}" for entry in stability]
+    if stability:
+        parts.append(f"loss at the checkpoint {shown(stability[0].get('loss'), '.3f')}")
+    return "    " + ", ".join(parts)
+
+
+def run_stage(title: str, command: Sequence[str], log_path: Path, timeout: float) -> float:
+    """Run one stage, its stdout and stderr into log_path, with progress lines on our stdout; returns
+    its wall time. On failure or timeout: DemoError with the command, the last lines of its output and
+    the one-line `error:` messages of our CLIs, which torchrun's own traceback would push out of view."""
     print(f"[demo] {title}", flush=True)
     print(f"    $ {shlex.join(command)}", flush=True)
     start = time.perf_counter()
     tail = deque(maxlen=40)
+    errors = []
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=child_env(), start_new_session=True)
     timed_out = threading.Event()
@@ -184,6 +205,8 @@ def run_stage(title: str, command: Sequence[str], log_path: Path, timeout: float
             for line in process.stdout:
                 log.write(line)
                 tail.append(line.rstrip("\n").split("\r")[-1])
+                if line.startswith("error: ") and line.rstrip() not in errors:
+                    errors.append(line.rstrip())
                 shown = progress_line(line)
                 if shown:
                     print(shown, flush=True)
@@ -194,9 +217,9 @@ def run_stage(title: str, command: Sequence[str], log_path: Path, timeout: float
     if timed_out.is_set() or returncode != 0:
         reason = f"timed out after {timeout:.0f} s" if timed_out.is_set() else f"exited with status {returncode}"
         raise DemoError(f"{title} {reason}\ncommand: {shlex.join(command)}\n"
-                        f"last lines of {log_path}:\n" + "\n".join(tail))
+                        f"last lines of {log_path}:\n" + "\n".join([*tail, *errors]))
     print(f"    done in {elapsed:.0f} s", flush=True)
-    return "\n".join(tail)
+    return elapsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,10 +229,12 @@ def prepare_output(output: Path):
     """A fresh output folder; an earlier demo's folder (it carries the marker file) is replaced,
     anything else that is not empty is refused rather than deleted."""
     if output.exists():
+        if not output.is_dir():
+            raise OutputFolderError(f"--output {output}: exists and is not a folder")
         if (output / MARKER).is_file():
             shutil.rmtree(output)
         elif any(output.iterdir()):
-            raise DemoError(f"--output {output}: folder exists, is not empty and was not made by the demo")
+            raise OutputFolderError(f"--output {output}: folder exists, is not empty and was not made by the demo")
     output.mkdir(parents=True, exist_ok=True)
     (output / MARKER).write_text("made by python -m nsoclip.demo; replaced on the next run\n")
     (output / "logs").mkdir()
@@ -248,7 +273,8 @@ def build_parser():
     parser.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate (both runs).")
     parser.add_argument("--wd", type=float, default=0.1, help="Weight decay (both runs).")
     parser.add_argument("--warmup", type=int, default=20, help="Warmup steps.")
-    parser.add_argument("--nso-sigma", type=float, default=0.01, help="NSO perturbation std.")
+    parser.add_argument("--nso-sigma", type=float, default=0.005,
+                        help="NSO perturbation std (scaled down from the reference 0.01 for this tiny model).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the split, the captions and both runs.")
     parser.add_argument("--image-size", type=int, default=32, help="Pixels the 8x8 scans are upscaled to.")
     parser.add_argument("--test-size", type=int, default=300, help="Held-out digits for zero-shot evaluation.")
@@ -269,6 +295,10 @@ def main(argv=None) -> int:
     output = Path(args.output).resolve()
     try:
         prepare_output(output)
+    except OutputFolderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
         with importlib.resources.as_file(importlib.resources.files("nsoclip") / "model_configs" / DEMO_CONFIG) as path:
             return run_demo(args, output, str(path), started)
     except DemoError as error:
@@ -283,11 +313,11 @@ def run_demo(args, output: Path, config: str, started: float) -> int:
         output, args.image_size, args.test_size, args.seed)
     shards = output / "shards"
     shard_command = [sys.executable, "-m", "nsoclip.shards", *shard_flags(train_dir, shards, num_train, args.num_shards)]
-    run_stage(f"packing {num_train} training pairs into {args.num_shards} webdataset shards", shard_command,
-              logs / "shards.log", args.stage_timeout)
+    stage_times = {"shards": run_stage(f"packing {num_train} training pairs into webdataset shards",
+                                       shard_command, logs / "shards.log", args.stage_timeout)}
     num_shards = len(json.loads((shards / "sizes.json").read_text()))
     data = DemoData(train_pattern=str(shards / f"shard-{{000000..{num_shards - 1:06d}}}.tar"),
-                    num_train=num_train, num_shards=num_shards, zeroshot_dir=zeroshot_dir,
+                    num_train=num_train, zeroshot_dir=zeroshot_dir,
                     classnames=classnames, templates=templates)
 
     runs = output / "runs"
@@ -301,13 +331,15 @@ def run_demo(args, output: Path, config: str, started: float) -> int:
     for name, optimizer in optimizers.items():
         command = torchrun("nsoclip.main", train_flags(args, data, config, runs, name, optimizer), args.nproc)
         commands[f"train {name}"] = command
-        run_stage(f"training {name} on {args.nproc} CPU ranks: {args.epochs} epochs, {steps} steps",
-                  command, logs / f"train-{name}.log", args.stage_timeout)
+        stage_times[f"train {name}"] = run_stage(
+            f"training {name} on {args.nproc} CPU ranks: {args.epochs} epoch(s), {steps} steps",
+            command, logs / f"train-{name}.log", args.stage_timeout)
     for name in optimizers:
         command = torchrun("nsoclip.hessian", hessian_flags(args, data, config, runs / name), args.nproc)
         commands[f"hessian {name}"] = command
-        run_stage(f"Hessian trace, top eigenvalue and noise stability of {name}'s final checkpoint",
-                  command, logs / f"hessian-{name}.log", args.stage_timeout)
+        stage_times[f"hessian {name}"] = run_stage(
+            f"Hessian trace, top eigenvalue and noise stability of {name}'s final checkpoint",
+            command, logs / f"hessian-{name}.log", args.stage_timeout)
 
     from .report import write_report
     settings = {
@@ -319,10 +351,13 @@ def run_demo(args, output: Path, config: str, started: float) -> int:
         "model": f"{DEMO_CONFIG} (nsoclip/model_configs)",
         "ranks": f"{args.nproc} CPU processes (gloo), fp32, --local-loss --gather-with-grad",
         "optimizer steps per run": steps,
-        "NSO": f"sigma {args.nso_sigma}, k=1, two-point, lam=0",
+        "NSO": f"sigma {args.nso_sigma}, k=1, two-point, lam=0; its training loss is the mean loss at the "
+               "perturbed weights w ± e (the Hessian stage reports the loss at w itself)",
         "Hessian": f"{args.hessian_probes} Hutchinson probes, top eigenvalue by Lanczos (<= {args.hessian_max_iter} "
                    f"iterations), noise stability at sigma {args.noise_sigmas} with {args.noise_draws} "
                    f"antithetic pairs, on {args.hessian_batches} training batches per rank",
+        "stage wall times": ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in stage_times.items())
+                            + " (the runs take turns on a possibly shared machine: step times are not interleaved)",
     }
     print("[demo] writing the comparison report", flush=True)
     report = write_report([runs / name for name in optimizers], output / "report", commands=commands,

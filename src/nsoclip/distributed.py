@@ -76,15 +76,31 @@ def init_distributed(device: str = "cuda", backend=None, dist_url=None, timeout_
                               "(see scripts/slurm_train.sh) or --dist-url tcp://HOST:PORT")
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     backend = backend or ("nccl" if world.device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = None if dist_url else restart_attempt_store(timeout)
     dist.init_process_group(
         backend=backend,
-        init_method=dist_url or "env://",
+        init_method=None if store else dist_url or "env://",
+        store=store,
         world_size=world_size,
         rank=rank,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout=timeout,
         device_id=world.device if backend == "nccl" else None,
     )
     return world
+
+
+def restart_attempt_store(timeout: datetime.timedelta):
+    """torchrun's agent keeps one store for all restarts of the worker group (torch 2.14, static
+    and c10d rendezvous alike): a group restarted by --max-restarts would read the dead group's
+    addresses under the same keys and fail to connect. Keys under a per-attempt prefix keep
+    every attempt apart. None outside torchrun's agent store (env:// as usual)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"nsoclip/attempt_{attempt}", store)
 
 
 def describe_collective_failure(error: BaseException, timeout_minutes: float) -> Optional[str]:

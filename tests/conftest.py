@@ -1,4 +1,5 @@
 """Shared test fixtures: tiny OpenCLIP model configs and launching multi-process jobs on CPU."""
+import logging
 import os
 import socket
 import subprocess
@@ -12,6 +13,20 @@ CONFIGS = Path(__file__).parent / "configs"
 REPO = Path(__file__).resolve().parent.parent
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """CLIs called in-process set up logging on streams pytest closes after the test: put the
+    root logger back so later tests log to live streams."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -142,7 +142,8 @@ TRAINING_CASES = {
     "model-config-missing": (["--model", "{files}/absent.json"], "absent.json: config file not found"),
     "model-config-incomplete": (["--model", "{files}/bad-config.json"], "model config lacks vision_cfg, text_cfg"),
     "model-unknown": (["--model", "NoSuchNet"], "--model NoSuchNet: not an OpenCLIP model name"),
-    "train-csv-missing": (["--dataset-type", "auto", "--train-data", "{files}/absent.csv"], "absent.csv: file not found"),
+    "train-csv-missing": (["--dataset-type", "auto", "--train-data", "{files}/absent.csv"],
+                          "absent.csv: file not found"),
     "train-data-unknown-format": (["--dataset-type", "auto", "--train-data", "{files}/data.parquet"],
                                   "cannot infer the dataset type"),
 }

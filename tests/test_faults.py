@@ -3,9 +3,9 @@ torchrun --max-restarts, SIGTERM preemption, a checkpoint write killed mid-way, 
 losses, a rank hung in a collective, and resuming on another world size. Each run is compared
 with an uninterrupted one: exactly where the world size is the same, within float tolerance
 where it changes."""
+import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import REPO, cpu_env, free_port, run_cli
+from conftest import CONFIGS, REPO, cpu_env, free_port, run_cli
 from test_train_cli import assert_same_weights, weights
 
 from nsoclip.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, save_checkpoint
-from nsoclip.main import STOPPED_ON_REQUEST
+from nsoclip.main import STOPPED_ON_REQUEST, main
 
+TINY = str(CONFIGS / "tiny-vit.json")
 DEADLINE = 180  # seconds any one launched job may take before the test fails
 
 
@@ -89,61 +90,58 @@ def workers_of(agent_pid: int):
     return workers
 
 
+def train_here(args) -> int:
+    """The training CLI in this process, for runs that need no process of their own: no
+    interpreter start-up, the same arithmetic (one thread, as the subprocesses). Puts back the
+    logging set-up and SIGTERM handler it installs."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        return main([str(a) for a in args])
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+        signal.signal(signal.SIGTERM, sigterm)
+
+
 @pytest.fixture(scope="module")
-def single_reference(tiny_config_path, tmp_path_factory):
-    """1 rank x global batch 8 for 3 epochs, uninterrupted: the reference of the SIGTERM,
-    truncated-checkpoint and world-size tests."""
+def single_reference(tmp_path_factory):
+    """1 rank x global batch 8 for 3 epochs, uninterrupted: the reference of the SIGTERM and
+    world-size tests."""
     logs = tmp_path_factory.mktemp("reference")
-    run_cli(flags(tiny_config_path, logs, "straight", batch=8))
+    assert train_here(flags(TINY, logs, "straight", batch=8)) == 0
     return weights(logs / "straight", "epoch_3.pt")
 
 
-@pytest.fixture(scope="module")
-def tiny_config_path():
-    return str(Path(__file__).parent / "configs" / "tiny-vit.json")
+def test_sigterm_checkpoint_resumes_exactly_past_a_truncated_newer_file(single_reference, tmp_path):
+    """SIGTERM mid-epoch to every process of the job, dataloader workers included, as SLURM
+    preempts: a step checkpoint, exit 143. Before the restart we plant what a non-atomic writer
+    killed mid-save would leave (a truncated `step_N.pt` with a higher step) and a leftover
+    temporary file of our own writer: `--resume latest` takes the complete checkpoint and ends
+    bit-identical to the uninterrupted run (which had no workers: the data do not depend on them)."""
+    args = flags(TINY, tmp_path, "run", "--resume", "latest", "--workers", 1, batch=8)
+    process = launch(args, tmp_path / "first.txt")
+    wait_until(trained_a_step(tmp_path / "run"), process, "the first step")
+    os.killpg(process.pid, signal.SIGTERM)
+    assert finish(process) == STOPPED_ON_REQUEST == 143
+    checkpoint_dir = tmp_path / "run" / "checkpoints"
+    stopped_at = list(checkpoint_dir.iterdir())
+    assert len(stopped_at) == 1 and stopped_at[0].name.startswith("step_"), stopped_at
+    assert "Stopped at step" in read(tmp_path / "run" / "out.log")
 
-
-@pytest.fixture(scope="module")
-def preempted(tiny_config_path, tmp_path_factory):
-    """A single-process run stopped by SIGTERM mid-epoch (as SLURM preempts): (logs, flags, exit code)."""
-    logs = tmp_path_factory.mktemp("preempted")
-    args = flags(tiny_config_path, logs, "run", "--resume", "latest", batch=8)
-    process = launch(args, logs / "first.txt")
-    wait_until(trained_a_step(logs / "run"), process, "the first step")
-    process.send_signal(signal.SIGTERM)
-    return logs, args, finish(process)
-
-
-def test_sigterm_writes_step_checkpoint_and_resume_is_exact(preempted, single_reference, tmp_path):
-    logs, args, code = preempted
-    assert code == STOPPED_ON_REQUEST == 143
-    checkpoints = sorted(p.name for p in (logs / "run" / "checkpoints").iterdir())
-    assert len(checkpoints) == 1 and checkpoints[0].startswith("step_"), checkpoints
-    assert "Stopped at step" in read(logs / "run" / "out.log")
-    resumed = tmp_path / "run"
-    shutil.copytree(logs / "run", resumed)
-    run_cli([str(tmp_path) if a == logs else a for a in args])
-    assert f"Resumed from {resumed / 'checkpoints' / checkpoints[0]}" in read(resumed / "out.log")
-    assert_same_weights(weights(resumed, "epoch_3.pt"), single_reference, atol=0, rtol=0)
-
-
-def test_truncated_newer_checkpoint_and_leftover_temp_file_are_never_picked(preempted, single_reference, tmp_path):
-    """What a non-atomic writer killed mid-save would leave: a truncated `step_N.pt` with a
-    higher step, plus our own writer's temporary file. Resume uses the complete checkpoint."""
-    logs, args, _ = preempted
-    run_dir = tmp_path / "run"
-    shutil.copytree(logs / "run", run_dir)
-    good = next((run_dir / "checkpoints").glob("step_*.pt"))
-    data = good.read_bytes()
-    (run_dir / "checkpoints" / "step_1000.pt").write_bytes(data[:len(data) // 2])
-    leftover = run_dir / "checkpoints" / ".step_2000.pt.tmp-4242"
+    data = stopped_at[0].read_bytes()
+    (checkpoint_dir / "step_1000.pt").write_bytes(data[:len(data) // 2])
+    leftover = checkpoint_dir / ".step_2000.pt.tmp-4242"
     leftover.write_bytes(data[:1000])
-    assert latest_checkpoint(run_dir / "checkpoints") == good
-    run_cli([str(tmp_path) if a == logs else a for a in args])
-    log = read(run_dir / "out.log")
-    assert f"Resumed from {good}" in log and "step_1000.pt: corrupt or truncated" in log
+    assert latest_checkpoint(checkpoint_dir) == stopped_at[0]
+    assert train_here(args) == 0
+    log = read(tmp_path / "run" / "out.log")
+    assert f"Resumed from {stopped_at[0]}" in log and "step_1000.pt: corrupt or truncated" in log
     assert not leftover.exists(), "the next start removes leftovers of interrupted writes"
-    assert_same_weights(weights(run_dir, "epoch_3.pt"), single_reference, atol=0, rtol=0)
+    assert_same_weights(weights(tmp_path / "run", "epoch_3.pt"), single_reference, atol=0, rtol=0)
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
@@ -172,12 +170,12 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", [[], ["--opt", "nso", "--nso-sigma", "0.01"]], ids=["adamw", "nso"])
-def test_kill9_of_one_rank_restarts_and_matches_uninterrupted_run(tiny_config_path, tmp_path, optimizer):
+def test_kill9_of_one_rank_restarts_and_matches_uninterrupted_run(tmp_path, optimizer):
     """torchrun --max-restarts 1 restarts the group after rank 1 is SIGKILLed; the same command
     resumes from the newest step checkpoint and ends with bit-identical weights."""
     common = dict(batch=4, samples=64, epochs=2)
-    run_cli(flags(tiny_config_path, tmp_path, "straight", *optimizer, **common), nproc=2)
-    args = flags(tiny_config_path, tmp_path, "killed", *optimizer, "--resume", "latest", "--save-every-n-steps", 3,
+    run_cli(flags(TINY, tmp_path, "straight", *optimizer, **common), nproc=2)
+    args = flags(TINY, tmp_path, "killed", *optimizer, "--resume", "latest", "--save-every-n-steps", 3,
                  **common)
     agent = launch(args, tmp_path / "killed.txt", nproc=2, torchrun_flags=["--max-restarts", "1"])
     checkpoints = tmp_path / "killed" / "checkpoints"
@@ -192,11 +190,11 @@ def test_kill9_of_one_rank_restarts_and_matches_uninterrupted_run(tiny_config_pa
 
 
 @pytest.mark.slow
-def test_world_size_two_to_one_and_back(tiny_config_path, single_reference, tmp_path):
+def test_world_size_two_to_one_and_back(single_reference, tmp_path):
     """2 ranks x 4 until SIGTERM reaches the torchrun agent mid-epoch (it forwards the signal,
     the ranks agree on a step and write a step checkpoint), then 1 rank x 8 to the end of epoch
     2, then 2 ranks x 4 to the end: equal to 1 rank x 8 throughout."""
-    agent = launch(flags(tiny_config_path, tmp_path, "elastic", "--resume", "latest", batch=4),
+    agent = launch(flags(TINY, tmp_path, "elastic", "--resume", "latest", batch=4),
                    tmp_path / "first.txt", nproc=2)
     run_dir = tmp_path / "elastic"
     wait_until(trained_a_step(run_dir), agent, "the first step")
@@ -204,8 +202,8 @@ def test_world_size_two_to_one_and_back(tiny_config_path, single_reference, tmp_
     assert finish(agent) != 0
     stopped_at = [p.name for p in (run_dir / "checkpoints").glob("*.pt")]
     assert len(stopped_at) == 1 and stopped_at[0].startswith("step_"), stopped_at
-    run_cli(flags(tiny_config_path, tmp_path, "elastic", "--resume", "latest", batch=8, epochs=2))
-    run_cli(flags(tiny_config_path, tmp_path, "elastic", "--resume", "latest", batch=4), nproc=2)
+    assert train_here(flags(TINY, tmp_path, "elastic", "--resume", "latest", batch=8, epochs=2)) == 0
+    run_cli(flags(TINY, tmp_path, "elastic", "--resume", "latest", batch=4), nproc=2)
     log = read(run_dir / "out.log")
     assert log.count("Resumed from") == 2 and "on 1 process(es)" in log
     assert_same_weights_but_key_bias(weights(run_dir, "epoch_3.pt"), single_reference, steps=24)
@@ -225,11 +223,11 @@ def assert_same_weights_but_key_bias(a, b, steps, lr=5e-4):
 
 
 @pytest.mark.slow
-def test_hung_rank_ends_the_job_naming_the_collective(tiny_config_path, tmp_path):
+def test_hung_rank_ends_the_job_naming_the_collective(tmp_path):
     """SIGSTOP rank 1: rank 0 fails after --dist-timeout with one line naming the collective.
     (A stopped process ignores torchrun's SIGTERM until continued; the test continues it once
     rank 0 has failed, so teardown takes seconds rather than torchrun's 30 s SIGKILL grace.)"""
-    agent = launch(flags(tiny_config_path, tmp_path, "hang", "--dist-timeout", 0.1, batch=4), tmp_path / "out.txt",
+    agent = launch(flags(TINY, tmp_path, "hang", "--dist-timeout", 0.1, batch=4), tmp_path / "out.txt",
                    nproc=2)
     wait_until(trained_a_step(tmp_path / "hang"), agent, "the first step")
     workers = workers_of(agent.pid)
@@ -248,19 +246,17 @@ def test_hung_rank_ends_the_job_naming_the_collective(tiny_config_path, tmp_path
     assert 5.5 <= waited < 40, waited
 
 
-def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_config_path, tmp_path):
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, capsys):
     """A divergent learning rate: step 1 is finite and applied, its update makes every later
     loss non-finite. Those steps are skipped (the weights and AdamW's step count stay), logged,
     counted, and after --max-nonfinite-steps in a row the run stops with one line, exit 2,
     keeping a checkpoint with the last good (finite) weights."""
-    args = flags(tiny_config_path, tmp_path, "diverge", "--lr", "1e20", "--warmup", 0, "--wd", 0,
+    args = flags(TINY, tmp_path, "diverge", "--lr", "1e20", "--warmup", 0, "--wd", 0,
                  "--save-every-n-steps", 1, "--max-nonfinite-steps", 3, batch=8, samples=64, epochs=1)
-    result = run_cli(args, check=False)
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: 3 consecutive steps with a non-finite loss or gradient (--max-nonfinite-steps 3) "
-                      "at step 4; the last good checkpoint is kept"], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert train_here(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: 3 consecutive steps with a non-finite loss or gradient (--max-nonfinite-steps 3) at step 4; "
+        "the last good checkpoint is kept"]
     log = read(tmp_path / "diverge" / "out.log")
     for streak, step in ((1, 2), (2, 3), (3, 4)):
         assert f"step {step}: non-finite loss or gradient, update skipped ({streak} in a row)" in log

@@ -14,6 +14,7 @@ import csv
 import logging
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional
 
@@ -160,6 +161,13 @@ def image_size_of(preprocess) -> int:
     raise DataError("cannot find the image size in the preprocessing transform")
 
 
+def ignore_sigterm(worker_id: int):
+    """Dataloader workers leave SIGTERM to the training process: SLURM signals every process of
+    the job step, and a worker that died on it would crash the run before its preemption
+    checkpoint is written."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def collate_readable(samples):
     """Validation keeps going past unreadable images (training stops: every rank's batch must be
     full); the metrics' num_samples shows how many were scored."""
@@ -175,7 +183,7 @@ def map_style_data(dataset, args, world: World, train: bool) -> DataInfo:
         raise DataError(f"{len(dataset)} training samples make no full global batch of "
                         f"{args.batch_size} x {world.world_size} ranks: lower --batch-size")
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                        collate_fn=None if train else collate_readable,
+                        collate_fn=None if train else collate_readable, worker_init_fn=ignore_sigterm,
                         persistent_workers=args.workers > 0, pin_memory=world.device.type == "cuda")
     return DataInfo(loader, num_batches=len(sampler), num_samples=len(dataset), set_position=sampler.set_position)
 

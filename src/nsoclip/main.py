@@ -137,6 +137,10 @@ def train(args) -> bool:
     if world.is_master:
         write_params(args, run_dir)
     logging.info("Run %s on %d process(es), device %s", run_dir, world.world_size, world.device)
+    if world.device.type == "cuda":
+        # As OpenCLIP: TF32 matmuls and cuDNN autotuning, the speed its users' numbers assume.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
     random_seed(args.seed, 0)
     model, preprocess_train, preprocess_val, tokenizer = create_model_and_transforms(args, world.device)

@@ -32,7 +32,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from .data import DataInfo
+from .data import DataInfo, ignore_sigterm
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEY = "txt"
@@ -469,7 +469,7 @@ def get_wds_dataset(args, preprocess, tokenizer, *, is_train: bool, epoch: int, 
         dataset = ShardStream(urls, train=False, **common)
 
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=args.workers,
+        dataset, batch_size=None, shuffle=False, num_workers=args.workers, worker_init_fn=ignore_sigterm,
         persistent_workers=args.workers > 0, pin_memory=world.device.type == "cuda")
     return DataInfo(dataloader=WebLoader(loader, num_batches, num_samples), num_batches=num_batches,
                     num_samples=num_samples, bad_sample_counts=counter.snapshot, **extra)

@@ -4,16 +4,14 @@ noise stability and curvature; 2 gloo ranks against one process; bad input."""
 import datetime
 import math
 import os
-import time
 
 import open_clip
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import CONFIGS, free_port
+from conftest import CONFIGS, run_ranks
 from nsoclip.hessian import (HessianError, Objective, block_of, curvature_along, hessian_metrics, hessian_trace,
                              noise_stability, top_eigenvalues, tower_of)
 from nsoclip.loss import contrastive_loss_fn
@@ -254,22 +252,6 @@ def test_bad_input_is_refused_with_one_line(micro):
 
 
 # ---- two gloo ranks ---------------------------------------------------------------------------
-
-def run_ranks(worker, world_size: int, *args, timeout: float = 180):
-    """worker(rank, world_size, port, *args) in spawned processes; fails, never hangs."""
-    port = free_port()
-    context = mp.start_processes(worker, args=(world_size, port, *args), nprocs=world_size, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.__name__} did not finish within {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-
 
 def rank_slice(batches, rank: int, world_size: int):
     half = BATCH // world_size

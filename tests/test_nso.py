@@ -4,15 +4,13 @@ import datetime
 import io
 import math
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import free_port
+from conftest import run_ranks
 from nsoclip.nso import NSO, noise_seed
 
 
@@ -363,22 +361,6 @@ def test_base_optimizer_must_be_a_class_not_an_instance():
 
 
 # ---- two gloo ranks ---------------------------------------------------------------------------
-
-def run_ranks(worker, world_size: int, *args, timeout: float = 180):
-    """Run worker(rank, world_size, port, *args) in `world_size` spawned processes; fail, never hang."""
-    port = free_port()
-    context = mp.start_processes(worker, args=(world_size, port, *args), nprocs=world_size, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.__name__} did not finish within {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-
 
 def init_gloo(rank: int, world_size: int, port: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"

@@ -1,6 +1,5 @@
 """The training CLI end to end: synthetic and csv data, 1 and 2 processes, multi-node and SLURM
 launches, equivalence of world sizes, exact resume, and OpenCLIP-loadable checkpoints."""
-import os
 import re
 import signal
 import subprocess
@@ -27,6 +26,12 @@ def train_flags(config, logs, name, *extra, samples=32, batch=8, epochs=1):
             "--log-every-n-steps", 1, "--seed", 3, *extra]
 
 
+def train_here(flags):
+    """A single-process run in this process: the same code path as the CLI without paying for a
+    fresh interpreter; launches are tested by the multi-process tests."""
+    assert main([str(a) for a in flags]) == 0
+
+
 def weights(run_dir, checkpoint="epoch_1.pt"):
     return load_checkpoint(Path(run_dir) / "checkpoints" / checkpoint)["state_dict"]
 
@@ -51,7 +56,7 @@ def assert_same_weights(a, b, atol=1e-5, rtol=1e-4):
 
 
 def test_single_process_synthetic_writes_run_folder(tiny_config, tmp_path):
-    run_cli(train_flags(tiny_config, tmp_path, "run", "--report-to", "tensorboard", "--save-most-recent"))
+    train_here(train_flags(tiny_config, tmp_path, "run", "--report-to", "tensorboard", "--save-most-recent"))
     run_dir = tmp_path / "run"
     assert {"out.log", "params.txt", "checkpoints", "tensorboard"} <= {p.name for p in run_dir.iterdir()}
     assert "batch_size: 8" in (run_dir / "params.txt").read_text()
@@ -64,7 +69,7 @@ def test_single_process_synthetic_writes_run_folder(tiny_config, tmp_path):
 
 
 def test_checkpoint_loads_in_plain_open_clip(tiny_config, tmp_path):
-    run_cli(train_flags(tiny_config, tmp_path, "run"))
+    train_here(train_flags(tiny_config, tmp_path, "run"))
     path = tmp_path / "run" / "checkpoints" / "epoch_1.pt"
     model, _, _ = open_clip.create_model_and_transforms(resolve_model_name(tiny_config), pretrained=str(path))
     ours = weights(tmp_path / "run")
@@ -72,23 +77,30 @@ def test_checkpoint_loads_in_plain_open_clip(tiny_config, tmp_path):
         torch.testing.assert_close(value, ours[key])
 
 
+@pytest.fixture(scope="module")
+def global_batch_reference(tmp_path_factory):
+    """1 process x batch 8 with the exact distributed loss flags: what every launch of 2 x 4 must equal."""
+    logs = tmp_path_factory.mktemp("reference")
+    train_here(train_flags(str(REPO / "tests" / "configs" / "tiny-vit.json"), logs, "one",
+                           "--local-loss", "--gather-with-grad", batch=8))
+    return logs / "one"
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process_on_the_global_batch(tiny_config, tmp_path):
+def test_two_processes_equal_one_process_on_the_global_batch(tiny_config, tmp_path, global_batch_reference):
     """With --local-loss --gather-with-grad each rank's loss covers its own rows against all
     gathered columns, and DDP averages the two ranks' gradients: the objective is exactly the
     single-process loss on the concatenated batch, and our sampler gives rank r the r-th half of
     every global batch."""
-    exact = ["--local-loss", "--gather-with-grad"]
-    run_cli(train_flags(tiny_config, tmp_path, "one", *exact, batch=8))
-    run_cli(train_flags(tiny_config, tmp_path, "two", *exact, batch=4), nproc=2)
-    assert logged_losses(tmp_path / "one") == pytest.approx(logged_losses(tmp_path / "two"), rel=1e-5)
-    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    run_cli(train_flags(tiny_config, tmp_path, "two", "--local-loss", "--gather-with-grad", batch=4), nproc=2)
+    assert logged_losses(global_batch_reference) == pytest.approx(logged_losses(tmp_path / "two"), rel=1e-5)
+    assert_same_weights(weights(global_batch_reference), weights(tmp_path / "two"))
 
 
 def test_accumulation_equals_the_larger_batch(tiny_config, tmp_path):
     """accum_freq 2 x batch 4 takes the gradient of the loss over the same 8 samples as batch 8."""
-    run_cli(train_flags(tiny_config, tmp_path, "big", batch=8))
-    run_cli(train_flags(tiny_config, tmp_path, "accum", "--accum-freq", 2, batch=4))
+    train_here(train_flags(tiny_config, tmp_path, "big", batch=8))
+    train_here(train_flags(tiny_config, tmp_path, "accum", "--accum-freq", 2, batch=4))
     assert logged_losses(tmp_path / "big") == pytest.approx(logged_losses(tmp_path / "accum"), rel=1e-5)
     assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "accum"))
 
@@ -97,8 +109,8 @@ def test_nso_with_accumulation_equals_the_larger_batch(tiny_config, tmp_path):
     """Every perturbed point sees the whole accumulated batch: NSO with accum_freq 2 x batch 4
     equals NSO with batch 8 (same noise stream, same samples)."""
     nso = ["--opt", "nso", "--nso-sigma", "0.01"]
-    run_cli(train_flags(tiny_config, tmp_path, "big", *nso, batch=8))
-    run_cli(train_flags(tiny_config, tmp_path, "accum", *nso, "--accum-freq", 2, batch=4))
+    train_here(train_flags(tiny_config, tmp_path, "big", *nso, batch=8))
+    train_here(train_flags(tiny_config, tmp_path, "accum", *nso, "--accum-freq", 2, batch=4))
     assert logged_losses(tmp_path / "big") == pytest.approx(logged_losses(tmp_path / "accum"), rel=1e-5)
     assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "accum"))
     assert "sigma: 0.01" in (tmp_path / "big" / "out.log").read_text()
@@ -109,7 +121,7 @@ def test_resume_from_step_checkpoint_continues_exactly(tiny_config, tmp_path):
     weights equal the uninterrupted run's."""
     flags = train_flags(tiny_config, tmp_path, "interrupted", "--save-every-n-steps", 2, "--resume", "latest",
                         samples=64, epochs=2)
-    run_cli(train_flags(tiny_config, tmp_path, "straight", samples=64, epochs=2))
+    train_here(train_flags(tiny_config, tmp_path, "straight", samples=64, epochs=2))
     command = [sys.executable, "-m", "nsoclip.main", *map(str, flags)]
     process = subprocess.Popen(command, env=cpu_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -120,15 +132,14 @@ def test_resume_from_step_checkpoint_continues_exactly(tiny_config, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert not (checkpoint_dir / "epoch_2.pt").exists(), "the run finished before it could be interrupted"
-    result = run_cli(flags)
+    train_here(flags)
     assert "Resumed from" in (tmp_path / "interrupted" / "out.log").read_text()
-    assert result.returncode == 0
     assert_same_weights(weights(tmp_path / "straight", "epoch_2.pt"), weights(tmp_path / "interrupted", "epoch_2.pt"),
                         atol=0, rtol=0)
 
 
 def test_resume_latest_without_checkpoint_starts_fresh(tiny_config, tmp_path):
-    run_cli(train_flags(tiny_config, tmp_path, "fresh", "--resume", "latest"))
+    train_here(train_flags(tiny_config, tmp_path, "fresh", "--resume", "latest"))
     assert "no checkpoint yet" in (tmp_path / "fresh" / "out.log").read_text()
     assert (tmp_path / "fresh" / "checkpoints" / "epoch_1.pt").is_file()
 
@@ -152,14 +163,14 @@ def csv_flags(config, logs, name, csv_path, batch=4):
 @pytest.mark.slow
 def test_csv_single_and_two_processes_agree(tiny_config, tmp_path):
     csv_path = write_csv_dataset(tmp_path)
-    run_cli(csv_flags(tiny_config, tmp_path, "one", csv_path, batch=4))
+    train_here(csv_flags(tiny_config, tmp_path, "one", csv_path, batch=4))
     run_cli(csv_flags(tiny_config, tmp_path, "two", csv_path, batch=2), nproc=2)
     assert len(logged_losses(tmp_path / "one")) == 4
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
 
 
 @pytest.mark.slow
-def test_two_node_torchrun_rendezvous(tiny_config, tmp_path):
+def test_two_node_torchrun_rendezvous(tiny_config, tmp_path, global_batch_reference):
     """Two torchrun agents on one machine (--nnodes 2, c10d rendezvous on 127.0.0.1): node rank,
     local rank != global rank and the per-node data split are exercised for real."""
     port = free_port()
@@ -172,12 +183,11 @@ def test_two_node_torchrun_rendezvous(tiny_config, tmp_path):
         for _ in range(2)]
     outputs = [agent.communicate(timeout=240)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], outputs
-    run_cli(train_flags(tiny_config, tmp_path, "single", "--local-loss", "--gather-with-grad", batch=8))
-    assert_same_weights(weights(tmp_path / "single"), weights(tmp_path / "nodes"))
+    assert_same_weights(weights(global_batch_reference), weights(tmp_path / "nodes"))
 
 
 @pytest.mark.slow
-def test_slurm_launch(tiny_config, tmp_path):
+def test_slurm_launch(tiny_config, tmp_path, global_batch_reference):
     """srun starts one plain process per task with SLURM_* set; MASTER_ADDR/PORT come from the script."""
     port = free_port()
     flags = train_flags(tiny_config, tmp_path, "slurm", "--local-loss", "--gather-with-grad", batch=4)
@@ -189,6 +199,7 @@ def test_slurm_launch(tiny_config, tmp_path):
     outputs = [task.communicate(timeout=240)[0] for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], outputs
     assert "on 2 process(es)" in (tmp_path / "slurm" / "out.log").read_text()
+    assert_same_weights(weights(global_batch_reference), weights(tmp_path / "slurm"))
 
 
 def run_main(argv, capsys):

@@ -4,7 +4,6 @@ import dataclasses
 import datetime
 import pkgutil
 import random
-import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -12,12 +11,11 @@ import open_clip
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from conftest import CONFIGS, free_port
+from conftest import CONFIGS, run_ranks
 from nsoclip import zero_shot
 from nsoclip.data import DataInfo
 from nsoclip.distributed import World
@@ -251,19 +249,6 @@ def distributed_args(folder):
                      zeroshot_classnames=str(folder / "classes.txt"), zeroshot_templates=str(folder / "templates.txt"))
 
 
-def spawn(fn, args, nprocs, timeout):
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{nprocs} ranks did not finish in {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(tiny, tmp_path):
     for i, synset in enumerate((SYNSETS[1], SYNSETS[500], SYNSETS[998])):
@@ -276,7 +261,7 @@ def test_two_processes_equal_one(tiny, tmp_path):
     model, preprocess, tokenizer = tiny
     torch.save(model.state_dict(), tmp_path / "weights.pt")
 
-    spawn(distributed_worker, (2, free_port(), str(tmp_path), str(tmp_path)), nprocs=2, timeout=240)
+    run_ranks(distributed_worker, 2, str(tmp_path), str(tmp_path), timeout=240)
 
     zs_sets = [dataclasses.replace(zs, templates=zs.templates or SHORT_TEMPLATES)
                for zs in zero_shot_sets(distributed_args(tmp_path), World())]

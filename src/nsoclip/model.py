@@ -46,7 +46,8 @@ def create_model_and_transforms(args, device: torch.device):
     """
     name = resolve_model_name(args.model)
     pretrained = getattr(args, "pretrained", "") or ""
-    if pretrained and not is_local_file(pretrained) and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+    looks_like_path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if pretrained and not is_local_file(pretrained) and looks_like_path:
         raise ModelError(f"--pretrained {pretrained}: file not found")
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name,

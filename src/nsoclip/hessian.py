@@ -424,16 +424,9 @@ def build_parser():
 
 
 def parse_args(argv):
-    from .params import UsageError, build_parser as training_parser
+    from .params import UsageError, build_parser as training_parser, validate_hessian
     args = build_parser().parse_args(argv)
-    if args.hessian_probes < 1:
-        raise UsageError(f"--hessian-probes {args.hessian_probes}: must be >= 1")
-    if args.hessian_num_batches < 1:
-        raise UsageError(f"--hessian-num-batches {args.hessian_num_batches}: must be >= 1")
-    if args.hessian_top_k < 0:
-        raise UsageError(f"--hessian-top-k {args.hessian_top_k}: must be >= 0")
-    if args.hessian_top_k > args.hessian_max_iter:
-        raise UsageError(f"--hessian-max-iter {args.hessian_max_iter}: must be >= --hessian-top-k")
+    validate_hessian(args)
     if args.noise_stability_draws < 1:
         raise UsageError(f"--noise-stability-draws {args.noise_stability_draws}: must be >= 1")
     if args.report_to not in ("", "tensorboard"):

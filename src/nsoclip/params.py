@@ -310,7 +310,7 @@ def validate(args):
                     "--save-every-n-steps": args.save_every_n_steps, "--zeroshot-frequency": args.zeroshot_frequency,
                     "--val-frequency": args.val_frequency, "--hessian-frequency": args.hessian_frequency,
                     "--nso-num-perturbs": args.nso_num_perturbs, "--nso-sigma-ramp-steps": args.nso_sigma_ramp_steps,
-                    "--wd": args.wd, "--hessian-top-k": args.hessian_top_k}
+                    "--wd": args.wd}
     for flag, value in non_negative.items():
         if value < 0:
             raise UsageError(f"{flag} {value}: must be >= 0")
@@ -326,10 +326,7 @@ def validate(args):
         raise UsageError(f"--nso-sigma-schedule {args.nso_sigma_schedule} needs --nso-sigma-ramp-steps > 0")
     if args.sam_rho < 0:
         raise UsageError(f"--sam-rho {args.sam_rho}: must be >= 0")
-    if args.hessian_probes < 1:
-        raise UsageError(f"--hessian-probes {args.hessian_probes}: must be >= 1")
-    if args.hessian_num_batches < 1:
-        raise UsageError(f"--hessian-num-batches {args.hessian_num_batches}: must be >= 1")
+    validate_hessian(args)
     if args.lr_scheduler == "const-cooldown" and args.epochs_cooldown is None:
         raise UsageError("--lr-scheduler const-cooldown needs --epochs-cooldown")
     if args.epochs_cooldown is not None and not 0 <= args.epochs_cooldown < args.epochs:
@@ -343,3 +340,15 @@ def validate(args):
         raise UsageError("nothing to do: give --train-data (or --dataset-type synthetic), --val-data or --imagenet-val")
     if args.zeroshot_data and not (args.zeroshot_classnames and args.zeroshot_templates):
         raise UsageError("--zeroshot-data needs --zeroshot-classnames and --zeroshot-templates")
+
+
+def validate_hessian(args):
+    """The --hessian-* flags, shared by training (--hessian-frequency) and nsoclip-hessian."""
+    if args.hessian_probes < 1:
+        raise UsageError(f"--hessian-probes {args.hessian_probes}: must be >= 1")
+    if args.hessian_num_batches < 1:
+        raise UsageError(f"--hessian-num-batches {args.hessian_num_batches}: must be >= 1")
+    if args.hessian_top_k < 0:
+        raise UsageError(f"--hessian-top-k {args.hessian_top_k}: must be >= 0")
+    if args.hessian_top_k > args.hessian_max_iter:
+        raise UsageError(f"--hessian-max-iter {args.hessian_max_iter}: must be >= --hessian-top-k")

@@ -101,3 +101,12 @@ train_flags() {
         TRAIN_FLAGS+=(--imagenet-val "$IMAGENET_VAL")
     fi
 }
+
+# The SLURM scripts run inside a job; a dry run off the cluster pretends to be job 0 on this host.
+require_slurm_job() {
+    if [[ -z ${SLURM_JOB_ID:-} ]]; then
+        [[ ${DRY_RUN:-0} == 1 ]] || die "not inside a SLURM job: submit with sbatch (DRY_RUN=1 prints the command)"
+        SLURM_JOB_ID=0
+        SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-${HOSTNAME:-localhost}}
+    fi
+}

@@ -29,12 +29,7 @@ fi
 # shellcheck source-path=SCRIPTDIR source=recipes.sh
 source "$scripts_dir/recipes.sh"
 
-if [[ -z ${SLURM_JOB_ID:-} ]]; then
-    [[ ${DRY_RUN:-0} == 1 ]] || die "not inside a SLURM job: submit with sbatch (DRY_RUN=1 prints the command)"
-    # Dry run off the cluster: pretend to be job 0 on this host.
-    SLURM_JOB_ID=0
-    SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-${HOSTNAME:-localhost}}
-fi
+require_slurm_job
 require_env CHECKPOINT "<run folder>/checkpoints/epoch_30.pt (the checkpoint to measure)"
 require_env TRAIN_DATA "'/data/cc3m/{00000..00331}.tar' (the loss is measured on training batches)"
 require_env TRAIN_NUM_SAMPLES "<samples in TRAIN_DATA>"

@@ -33,12 +33,7 @@ fi
 # shellcheck source-path=SCRIPTDIR source=recipes.sh
 source "$scripts_dir/recipes.sh"
 
-if [[ -z ${SLURM_JOB_ID:-} ]]; then
-    [[ ${DRY_RUN:-0} == 1 ]] || die "not inside a SLURM job: submit with sbatch (DRY_RUN=1 prints the command)"
-    # Dry run off the cluster: pretend to be job 0 on this host.
-    SLURM_JOB_ID=0
-    SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-${HOSTNAME:-localhost}}
-fi
+require_slurm_job
 train_flags
 
 # Derived from the allocation, never inherited from the submitting shell (sbatch exports it all).

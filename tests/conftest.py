@@ -1,15 +1,14 @@
 """Shared test fixtures: tiny OpenCLIP model configs and launching multi-process jobs on CPU."""
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from nsoclip.distributed import free_port, spawn_local_ranks as run_ranks  # noqa: F401 (shared with tests)
 
 CONFIGS = Path(__file__).parent / "configs"
 REPO = Path(__file__).resolve().parent.parent
@@ -41,12 +40,6 @@ def tiny_config() -> str:
 def micro_config() -> str:
     """A CLIP small enough (a few hundred parameters) for exact Hessians."""
     return str(CONFIGS / "micro-vit.json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_env(**extra) -> dict:
@@ -82,18 +75,3 @@ def run_cli(args, *, nproc: int = 1, timeout: float = 240, env=None, check: bool
 def cli():
     return run_cli
 
-
-def run_ranks(worker, world_size: int, *args, timeout: float = 180):
-    """worker(rank, world_size, port, *args) in `world_size` spawned processes that meet on
-    127.0.0.1:port; a failure in any of them fails the test, and nothing can hang past `timeout`."""
-    context = mp.start_processes(worker, args=(world_size, free_port(), *args), nprocs=world_size,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.__name__} did not finish within {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()

@@ -3,6 +3,8 @@ collectives the training loop needs. Rank discovery follows OpenCLIP: torchrun's
 LOCAL_RANK/RANK/WORLD_SIZE first, then SLURM_LOCALID/SLURM_PROCID/SLURM_NTASKS."""
 import datetime
 import os
+import socket
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,3 +191,28 @@ def broadcast_object(obj, src: int = 0):
 def barrier():
     if is_distributed():
         dist.barrier()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_local_ranks(worker, world_size: int, *args, timeout: float = 180):
+    """worker(rank, world_size, port, *args) in `world_size` spawned processes that meet on
+    127.0.0.1:port (benchmarks and tests of collective behaviour); a failure in any of them
+    raises here, and nothing can hang past `timeout` seconds."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=(world_size, free_port(), *args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{worker.__name__} did not finish within {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()

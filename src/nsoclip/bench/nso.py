@@ -22,6 +22,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from ..distributed import spawn_local_ranks
 from ..model import resolve_model_name
 from ..nso import NSO
 from ..optim import take_step
@@ -233,25 +234,8 @@ def ddp_worker(rank, world_size, port, spec, steps, out_path):
 
 
 def all_reduce_counts(spec: str, steps: int, directory: str, timeout: float = 300) -> dict:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out_path = os.path.join(directory, "ddp_counts.json")
-    context = mp.start_processes(ddp_worker, args=(2, port, spec, steps, out_path), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"2-rank DDP count did not finish within {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_local_ranks(ddp_worker, 2, spec, steps, out_path, timeout=timeout)
     return json.loads(Path(out_path).read_text())
 
 

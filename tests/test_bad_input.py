@@ -193,6 +193,7 @@ HESSIAN_CASES = {
     "sigmas-not-numbers": (["--noise-stability-sigmas", "small,large"], "expected comma-separated numbers"),
     "tensorboard-without-logs": (["--report-to", "tensorboard"], "--report-to tensorboard needs --logs"),
     "zero-batches": (["--hessian-num-batches", "0"], "--hessian-num-batches 0: must be >= 1"),
+    "zero-block": (["--hessian-block-size", "0"], "--hessian-block-size 0: must be >= 1"),
     "dist-timeout-negative": (["--dist-timeout", "-1"], "--dist-timeout -1.0: must be > 0 minutes"),
     "resume-missing": (["--resume", "{files}/absent.pt"], "absent.pt: file not found"),
     "resume-corrupt": (["--resume", "{files}/corrupt.pt"], "corrupt.pt: corrupt or truncated"),

@@ -112,9 +112,9 @@ def test_per_block_traces_are_exact_when_the_sketch_spans_everything():
     matrix = root @ root.T - 5 * torch.eye(12, dtype=torch.float64)
     segments = [(0, 3), (3, 7), (7, 12)]
     exact = [matrix[a:b, a:b].trace().item() for a, b in segments]
-    sketched = hutchpp(lambda v: matrix @ v, 12, 39, torch.Generator().manual_seed(1), segments, torch.float64)
+    sketched = hutchpp(lambda rows: rows @ matrix, 12, 39, torch.Generator().manual_seed(1), segments, torch.float64)
     assert torch.allclose(sketched.samples.mean(0), torch.tensor(exact, dtype=torch.float64), atol=1e-9)
-    probed = hutchinson(lambda v: matrix @ v, 12, 4000, torch.Generator().manual_seed(2), segments, torch.float64)
+    probed = hutchinson(lambda rows: rows @ matrix, 12, 4000, torch.Generator().manual_seed(2), segments, torch.float64)
     for column, value in enumerate(exact):
         mean, stderr = probed.estimate([column])
         assert abs(mean - value) <= 4 * stderr
@@ -137,7 +137,7 @@ def test_lanczos_finds_largest_algebraic_eigenvalues_of_a_coupled_matrix():
     spectrum = torch.cat([torch.tensor([-50.0, 19.7, 12.0, 11.5], dtype=torch.float64),
                           torch.linspace(-3, 3, 36, dtype=torch.float64)])
     matrix = basis @ torch.diag(spectrum) @ basis.T
-    found, used = lanczos_top(lambda v: matrix @ v, 40, 3, 40, 1e-6, torch.Generator().manual_seed(1), torch.float64)
+    found, used = lanczos_top(lambda rows: rows @ matrix, 40, 3, 40, 1e-6, torch.Generator().manual_seed(1), torch.float64)
     assert used <= 40
     assert torch.allclose(torch.tensor(found, dtype=torch.float64), torch.tensor([19.7, 12.0, 11.5], dtype=torch.float64),
                           rtol=1e-6)
@@ -161,6 +161,62 @@ def test_exact_and_finite_difference_hvps_agree(micro):
     assert torch.equal(flat_weights(model), before)
 
 
+def counted(loss_fn):
+    """loss_fn and the list it appends to on every call: how often a graph was built."""
+    calls = []
+
+    def wrapped(model, batch):
+        calls.append(1)
+        return loss_fn(model, batch)
+
+    return wrapped, calls
+
+
+def test_products_share_each_batch_graph_and_keep_a_single_one(micro):
+    """Rows of one products() call share each batch's graph (one loss evaluation per batch and
+    call); a single batch's graph is kept between calls and dropped when antithetic() swaps the
+    weights, so the next product is again the Hessian at w. Every product matches H v from the
+    exact Hessian, for one batch and for two."""
+    model = micro["model"]
+    one = micro["batches"][:1]
+    hessian_one = exact_hessian(model, micro["loss_fn"], one)
+    loss_fn, calls = counted(micro["loss_fn"])
+    with Objective(model, loss_fn, one) as objective:
+        rows = torch.randint(0, 2, (3, objective.dim), generator=torch.Generator().manual_seed(11)).float() * 2 - 1
+        first = objective.products(rows)
+        again = objective.hvp(rows[1])
+        assert len(calls) == 1 and torch.equal(again, first[1])
+        clean = objective.loss()
+        moved = [objective.loss() for _ in objective.antithetic(objective.split(rows[0]), 0.1)]
+        assert len(calls) == 4 and clean not in moved
+        after = objective.hvp(rows[1])
+        assert len(calls) == 5 and torch.equal(after, first[1])
+    truth = rows.double() @ hessian_one
+    assert (first.double() - truth).norm() <= 1e-4 * truth.norm()
+
+    loss_fn, calls = counted(micro["loss_fn"])
+    with Objective(model, loss_fn, micro["batches"]) as objective:
+        both = objective.products(rows)
+        assert len(calls) == NUM_BATCHES
+        objective.hvp(rows[0])
+        assert len(calls) == 2 * NUM_BATCHES
+    truth = rows.double() @ micro["hessian"]
+    assert (both.double() - truth).norm() <= 1e-4 * truth.norm()
+
+
+@pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
+def test_block_size_changes_speed_not_results(micro, hvp):
+    """Hutchinson draws the same probes whatever the block, and a product does not depend on
+    the other rows of its block: the estimates agree to float32 rounding (kernels may round
+    differently with other memory layouts)."""
+    model, loss_fn, batches = micro["model"], micro["loss_fn"], micro["batches"]
+    results = [hessian_trace(model, loss_fn, batches, num_probes=10, hvp=hvp, seed=2, block_size=size)
+               for size in (1, 4, 16)]
+    for result in results[1:]:
+        assert result["trace"] == pytest.approx(results[0]["trace"], rel=1e-5)
+        assert result["per_param"] == pytest.approx(results[0]["per_param"], rel=1e-5, abs=1e-6 * abs(result["trace"]))
+
+
 def test_hutchpp_beats_hutchinson_on_outlier_spectrum(micro):
     """The micro CLIP's Hessian has a few large outliers at both ends (eigenvalues 2.0e4, 8.2e3,
     6.9e3 and -1.9e4, -9.3e3, -8.2e3 against a bulk mostly below 3e3 in magnitude; trace -1.9e4,
@@ -172,7 +228,7 @@ def test_hutchpp_beats_hutchinson_on_outlier_spectrum(micro):
     errors = {"hutchinson": [], "hutchpp": []}
     for seed in range(8):
         for method, estimator in (("hutchinson", hutchinson), ("hutchpp", hutchpp)):
-            samples = estimator(lambda v: hessian @ v, hessian.shape[0], 96, torch.Generator().manual_seed(seed),
+            samples = estimator(lambda rows: rows @ hessian, hessian.shape[0], 96, torch.Generator().manual_seed(seed),
                                 segments)
             errors[method].append(abs(samples.estimate()[0] - exact))
     mean_error = {method: sum(values) / len(values) for method, values in errors.items()}
@@ -217,7 +273,7 @@ def test_parameter_filter_and_training_metrics(micro):
 
     class Args:
         hessian_probes, hessian_method, hessian_hvp, hessian_params = 4, "hutchinson", "exact", None
-        hessian_top_k, hessian_max_iter, seed = 2, 100, 1
+        hessian_top_k, hessian_max_iter, hessian_block_size, seed = 2, 100, 8, 1
 
     metrics = hessian_metrics(model, micro["loss_fn"], micro["batches"], Args)
     assert {"hessian/trace", "hessian/trace_stderr", "hessian/top_eigenvalue", "hessian/eigenvalue_2"} <= set(metrics)
@@ -242,6 +298,7 @@ def test_bad_input_is_refused_with_one_line(micro):
         (lambda: hessian_trace(model, loss_fn, batches, hvp="jvp"), "hvp 'jvp'"),
         (lambda: hessian_trace(model, loss_fn, batches, params="no_such_layer"), "selects no trainable parameter"),
         (lambda: hessian_trace(model, loss_fn, batches, params=["visual.nope"]), "no trainable parameter named"),
+        (lambda: hessian_trace(model, loss_fn, batches, block_size=0), "block_size 0"),
         (lambda: top_eigenvalues(model, loss_fn, batches, k=0), "k 0"),
         (lambda: noise_stability(model, loss_fn, batches, [0.0]), "sigma must be > 0"),
     ]
@@ -276,6 +333,9 @@ def hessian_worker(rank, world_size, port, state_path, out_dir):
         "fd": hessian_trace(model, loss_fn, batches, num_probes=2, hvp="finite_difference", seed=4),
         "eigenvalues": top_eigenvalues(model, loss_fn, batches, k=2, max_iter=12, tol=0.0, seed=0),
         "noise": noise_stability(model, loss_fn, batches, [1e-3], num_draws=2, seed=0),
+        # one batch: the gathered loss's graph is kept across products and Lanczos iterations
+        "exact_one_batch": hessian_trace(model, loss_fn, batches[:1], num_probes=DISTRIBUTED_PROBES, seed=4),
+        "eigenvalues_one_batch": top_eigenvalues(model, loss_fn, batches[:1], k=2, max_iter=12, tol=0.0, seed=0),
     }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -301,6 +361,11 @@ def test_two_ranks_equal_one_process_and_differ_from_local_hessians(micro, tmp_p
     assert math.isclose(ranks[0]["fd"]["trace"], fd_single["trace"], rel_tol=1e-3)
     lanczos_single = top_eigenvalues(model, loss_fn, batches, k=2, max_iter=12, tol=0.0, seed=0)
     assert ranks[0]["eigenvalues"] == pytest.approx(lanczos_single, rel=1e-4)
+    one_batch = hessian_trace(model, loss_fn, batches[:1], num_probes=DISTRIBUTED_PROBES, seed=4)
+    assert math.isclose(ranks[0]["exact_one_batch"]["trace"], one_batch["trace"], rel_tol=1e-4,
+                        abs_tol=1e-4 * one_batch["stderr"])
+    assert ranks[0]["eigenvalues_one_batch"] == pytest.approx(
+        top_eigenvalues(model, loss_fn, batches[:1], k=2, max_iter=12, tol=0.0, seed=0), rel=1e-4)
     [noise_single] = noise_stability(model, loss_fn, batches, [1e-3], num_draws=2, seed=0)
     assert math.isclose(ranks[0]["noise"][0]["mean"], noise_single["mean"], rel_tol=1e-3, abs_tol=1e-6)
 

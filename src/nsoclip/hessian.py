@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .spectral import TraceSamples, hutchinson, hutchpp, lanczos_top
+from .spectral import HUTCHINSON_BLOCK, TraceSamples, hutchinson, hutchpp, lanczos_top
 
 METHODS = ("hutchinson", "hutchpp")
 HVPS = ("exact", "finite_difference")
@@ -104,16 +104,19 @@ class Objective:
     """L(w) over this rank's batches and all ranks, as a function of the selected parameters
     seen as one flat vector: loss, gradient and Hessian-vector products.
 
-    Use as a context manager: dropout is off (eval mode) while it is open and the model's mode
-    is restored on exit."""
+    Use as a context manager: dropout is off (eval mode) while it is open, the model's mode
+    is restored and any kept graph is freed on exit. `progress(n)`, when given, is called with
+    the number of products (or loss evaluations) just done."""
 
-    def __init__(self, model, loss_fn, batches, params=None, hvp: str = "exact"):
+    def __init__(self, model, loss_fn, batches, params=None, hvp: str = "exact",
+                 progress: Optional[Callable[[int], None]] = None):
         if hvp not in HVPS:
             raise HessianError(f"hvp {hvp!r}: expected one of {', '.join(HVPS)}")
         self.model = unwrap(model)
         self.loss_fn = loss_fn
         self.batches = list(batches)
         self.hvp_kind = hvp
+        self.progress = progress
         check_batch_counts(len(self.batches))
         self.named = select_parameters(self.model, params)
         self.names = list(self.named)
@@ -126,8 +129,9 @@ class Objective:
             self.segments.append((start, start + p.numel()))
             start += p.numel()
         self.dim = start
+        self.sizes = [p.numel() for p in self.params]
         self.num_products = 0
-        self._snapshot = None
+        self._kept_graph = None
 
     def __enter__(self):
         self._was_training = self.model.training
@@ -136,110 +140,138 @@ class Objective:
 
     def __exit__(self, *exc):
         self.model.train(self._was_training)
-        self._snapshot = None
+        self._kept_graph = None
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def split(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        return [flat[a:b].view_as(p).to(p.dtype) for (a, b), p in zip(self.segments, self.params)]
+        pieces = flat.split(self.sizes)
+        if all(p.dtype == flat.dtype for p in self.params):
+            return [piece.view(p.shape) for piece, p in zip(pieces, self.params)]
+        return [piece.view(p.shape).to(p.dtype) for piece, p in zip(pieces, self.params)]
 
     def flatten(self, tensors) -> torch.Tensor:
         return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
 
-    def weights(self) -> torch.Tensor:
-        return self.flatten([p.detach() for p in self.params])
+    def _tick(self, count: int):
+        if self.progress is not None:
+            self.progress(count)
 
     @torch.no_grad()
     def loss(self) -> float:
         total = sum(self.loss_fn(self.model, batch).detach().double() for batch in self.batches)
+        self._tick(1)
         return distributed.all_reduce_mean(total.reshape(1) / len(self.batches)).item()
 
-    def local_gradients(self) -> List[torch.Tensor]:
-        """This rank's gradient (mean over its batches), one tensor per parameter."""
+    def local_gradients(self, scale: float = 1.0) -> List[torch.Tensor]:
+        """This rank's gradient of scale x (mean loss over its batches), one tensor per parameter.
+        The scale enters as the seed of the backward pass, so it costs no pass of its own."""
+        seed = torch.tensor(scale / len(self.batches), device=self.device)
         total = None
         for batch in self.batches:
             loss = self.loss_fn(self.model, batch)
-            grads = list(torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True))
+            grads = list(torch.autograd.grad(loss, self.params, grad_outputs=seed.to(loss.dtype), allow_unused=True,
+                                             materialize_grads=True))
             if total is None:
                 total = grads
             else:
                 torch._foreach_add_(total, grads)
-        if len(self.batches) > 1:
-            torch._foreach_div_(total, len(self.batches))
         return total
 
     def local_gradient(self) -> torch.Tensor:
         return self.flatten(self.local_gradients())
 
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        self.num_products += 1
-        local = self._exact_hvp(vector) if self.hvp_kind == "exact" else self._finite_difference_hvp(vector)
+        return self.products(vector[None])[0]
+
+    def products(self, vectors: torch.Tensor) -> torch.Tensor:
+        """H v for each row v of `vectors` (m, dim), averaged over ranks in one all-reduce."""
+        local = (self._exact_products if self.hvp_kind == "exact" else self._finite_difference_products)(vectors)
+        self.num_products += len(vectors)
+        self._tick(len(vectors))
         return distributed.all_reduce_mean(local)
 
-    def _exact_hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        """Double backward per batch: the vector-Jacobian product of the gradient with v, which is
-        H v as H is symmetric. Flash / memory-efficient attention has no double backward, so the
-        math kernel is forced."""
-        directions = self.split(vector)
-        total = None
+    def _exact_products(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Double backward: the vector-Jacobian product of the gradient with v, which is H v as H
+        is symmetric. Each batch's gradient graph (forward and first backward) is built once per
+        call and shared by all of its products; with a single batch it is also kept between
+        calls (see gradient_graph). Flash / memory-efficient attention has no double
+        backward, so the math kernel is forced."""
+        out = torch.empty_like(vectors)
         with sdpa_kernel(SDPBackend.MATH):
-            for batch in self.batches:
-                loss = self.loss_fn(self.model, batch)
-                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True,
-                                            materialize_grads=True)
-                pairs = [(g, d) for g, d in zip(grads, directions) if g.requires_grad]
-                if not pairs:
+            for index, batch in enumerate(self.batches):
+                outputs, positions = self.gradient_graph(batch)
+                kept = self._kept_graph is not None
+                if not outputs:  # no gradient depends on the parameters: this batch adds H = 0
+                    if index == 0:
+                        out.zero_()
                     continue
-                outputs, grad_outputs = zip(*pairs)
-                products = list(torch.autograd.grad(outputs, self.params, grad_outputs=grad_outputs,
-                                                    allow_unused=True, materialize_grads=True))
-                if total is None:
-                    total = products
-                else:
-                    torch._foreach_add_(total, products)
-        if total is None:
-            return torch.zeros_like(vector)
-        flat = self.flatten(total)
-        return flat.div_(len(self.batches)) if len(self.batches) > 1 else flat
+                for row, (target, vector) in enumerate(zip(out, vectors)):
+                    directions = self.split(vector)
+                    products = torch.autograd.grad(outputs, self.params, grad_outputs=[directions[i] for i in positions],
+                                                   retain_graph=kept or row + 1 < len(vectors), allow_unused=True,
+                                                   materialize_grads=True)
+                    pieces = [t.reshape(-1).to(self.dtype) for t in products]
+                    if index == 0:
+                        torch.cat(pieces, out=target)
+                    else:
+                        target += torch.cat(pieces)
+        return out.div_(len(self.batches)) if len(self.batches) > 1 else out
 
-    def _finite_difference_hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        """(g(w + t v) - g(w - t v)) / 2t with ||t v|| = FD_STEP * sqrt(dim). The weights are
-        copied back from a snapshot afterwards, so w is restored bit for bit. The parameter-sized
-        work (moves, difference) uses foreach kernels: it is the whole overhead over two gradients."""
-        vector_norm = vector.norm().item()
-        if vector_norm == 0:
-            return torch.zeros_like(vector)
-        self.take_snapshot()
-        step = FD_STEP * math.sqrt(self.dim) / vector_norm
-        directions = self.split(vector)
+    def gradient_graph(self, batch):
+        """One batch's gradient with its graph (create_graph), as (the gradients that depend on
+        the parameters, their positions in self.params). With a single batch on this rank the
+        graph is kept while the weights stay as they are, so every later product skips the
+        forward and the first backward; it costs no extra peak memory, since a product holds the
+        whole graph anyway. Several batches' graphs together would cost N times that, so they
+        are rebuilt for every call instead."""
+        if self._kept_graph is not None:
+            return self._kept_graph
+        loss = self.loss_fn(self.model, batch)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True)
+        positions = [i for i, g in enumerate(grads) if g.requires_grad]
+        graph = [grads[i] for i in positions], positions
+        if len(self.batches) == 1:
+            self._kept_graph = graph
+        return graph
+
+    def _finite_difference_products(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(g(w + t v) - g(w - t v)) / 2t per row, with ||t v|| = FD_STEP * sqrt(dim). The two
+        gradients, of the loss scaled by 1/2t, are taken at the antithetic points swapped in beside
+        w, and their difference is written straight into the flat result: the parameter-sized
+        work is the norm of v, forming the two points and the difference."""
+        out = torch.empty_like(vectors)
+        for target, vector in zip(out, vectors):
+            vector_norm = vector.norm().item()
+            if vector_norm == 0:
+                target.zero_()
+                continue
+            step = FD_STEP * math.sqrt(self.dim) / vector_norm
+            directions = self.split(vector)
+            plus, minus = [self.local_gradients(scale=1 / (2 * step)) for _ in self.antithetic(directions, step)]
+            for (start, end), high, low in zip(self.segments, plus, minus):
+                torch.sub(high.reshape(-1), low.reshape(-1), out=target[start:end])
+        return out
+
+    def antithetic(self, directions, step: float):
+        """Puts the model at w + step * d, then at w - step * d, yielding at each; w's own tensors
+        are back under the parameters when it ends. Both points are formed together (the second
+        pass over w and d finds them in cache) as new tensors swapped in under the parameters
+        (`.data`): w is never written, so it comes back bit for bit without a snapshot or a
+        restoring copy."""
+        self._kept_graph = None  # it would read the swapped-in weights
+        weights = [p.data for p in self.params]
+        points = [torch._foreach_add(weights, directions, alpha=step),
+                  torch._foreach_add(weights, directions, alpha=-step)]
         try:
-            self.move(directions, step)
-            plus = self.local_gradients()
-            self.move(directions, -2 * step)
-            minus = self.local_gradients()
+            while points:
+                for p, value in zip(self.params, points.pop(0)):
+                    p.data = value
+                yield
         finally:
-            self.restore()
-        torch._foreach_sub_(plus, minus)
-        return self.flatten(plus).div_(2 * step)
-
-    def take_snapshot(self):
-        if self._snapshot is None:
-            self._snapshot = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def move(self, directions, step: float):
-        torch._foreach_add_(self.params, directions, alpha=step)
-
-    @torch.no_grad()
-    def place(self, directions, step: float):
-        """w := snapshot + step * direction, formed from the snapshot."""
-        torch._foreach_copy_(self.params, self._snapshot)
-        torch._foreach_add_(self.params, directions, alpha=step)
-
-    @torch.no_grad()
-    def restore(self):
-        torch._foreach_copy_(self.params, self._snapshot)
+            for p, weight in zip(self.params, weights):
+                p.data = weight
 
     def per_segment(self, samples: TraceSamples) -> Dict[str, Dict[str, float]]:
         """Trace estimates with standard errors per parameter, transformer block and tower."""
@@ -271,20 +303,25 @@ def check_batch_counts(count: int):
 
 
 def hessian_trace(model, loss_fn, batches, *, num_probes: int = 64, method: str = "hutchinson",
-                  hvp: str = "exact", seed: int = 0, params=None) -> dict:
+                  hvp: str = "exact", seed: int = 0, params=None, block_size: int = HUTCHINSON_BLOCK,
+                  progress: Optional[Callable[[int], None]] = None) -> dict:
     """Trace of the Hessian of the training objective with its standard error, and the traces
     of the diagonal blocks of each parameter, transformer block and tower.
 
     `num_probes` is the budget of Hessian-vector products (Hutch++ spends a third on the
-    sketch, a third on it again and the rest on residual probes; see spectral.hutchpp)."""
+    sketch, a third on it again and the rest on residual probes; see spectral.hutchpp).
+    Hutchinson multiplies `block_size` probes at a time, sharing each batch's graph between
+    them; memory grows by 2 x block_size parameter-sized vectors."""
     if num_probes < 1:
         raise HessianError(f"num_probes {num_probes}: must be >= 1")
     if method not in METHODS:
         raise HessianError(f"method {method!r}: expected one of {', '.join(METHODS)}")
-    with Objective(model, loss_fn, batches, params, hvp) as objective:
-        estimator = hutchinson if method == "hutchinson" else hutchpp
-        samples = estimator(objective.hvp, objective.dim, num_probes, objective.generator(seed),
-                            objective.segments, objective.dtype, objective.device)
+    if block_size < 1:
+        raise HessianError(f"block_size {block_size}: must be >= 1")
+    with Objective(model, loss_fn, batches, params, hvp, progress) as objective:
+        arguments = (objective.products, objective.dim, num_probes, objective.generator(seed), objective.segments,
+                     objective.dtype, objective.device)
+        samples = hutchinson(*arguments, block_size=block_size) if method == "hutchinson" else hutchpp(*arguments)
         trace, stderr = samples.estimate()
         result = {"trace": trace, "stderr": stderr, "num_probes": num_probes, "num_hvps": objective.num_products,
                   "method": method, "hvp": hvp, "num_params": objective.dim}
@@ -293,64 +330,59 @@ def hessian_trace(model, loss_fn, batches, *, num_probes: int = 64, method: str 
 
 
 def top_eigenvalues(model, loss_fn, batches, *, k: int = 1, max_iter: int = 100, tol: float = 1e-4,
-                    seed: int = 0, params=None, hvp: str = "exact") -> List[float]:
+                    seed: int = 0, params=None, hvp: str = "exact",
+                    progress: Optional[Callable[[int], None]] = None) -> List[float]:
     """The k largest algebraic Hessian eigenvalues, largest first (Lanczos with full
     reorthogonalisation over all selected parameters as one vector)."""
     if k < 1:
         raise HessianError(f"k {k}: must be >= 1")
     if max_iter < k:
         raise HessianError(f"max_iter {max_iter}: must be >= k ({k})")
-    with Objective(model, loss_fn, batches, params, hvp) as objective:
+    with Objective(model, loss_fn, batches, params, hvp, progress) as objective:
         if k > objective.dim:
             raise HessianError(f"k {k}: more eigenvalues than the {objective.dim} selected parameters")
-        eigenvalues, _ = lanczos_top(objective.hvp, objective.dim, k, max_iter, tol, objective.generator(seed),
+        eigenvalues, _ = lanczos_top(objective.products, objective.dim, k, max_iter, tol, objective.generator(seed),
                                      objective.dtype, objective.device)
     return eigenvalues
 
 
 def noise_stability(model, loss_fn, batches, sigmas: Sequence[float], *, num_draws: int = 8, seed: int = 0,
-                    params=None) -> List[dict]:
+                    params=None, progress: Optional[Callable[[int], None]] = None) -> List[dict]:
     """E[L(w + e)] - L(w) for e ~ N(0, sigma^2 I) on the selected parameters: NSO's objective
     minus the loss. Two-point estimate (L(w + e) + L(w - e)) / 2 - L(w) per draw (antithetic
     pairs cancel the first-order term), mean and standard error over draws. The same unit
     directions are reused for every sigma (common random numbers, so the curve is smooth in
-    sigma); w is restored from a snapshot after every evaluation."""
+    sigma); the perturbed weights are swapped in beside w, which is never written."""
     if num_draws < 1:
         raise HessianError(f"num_draws {num_draws}: must be >= 1")
     if any(not sigma > 0 for sigma in sigmas):
         raise HessianError(f"sigmas {list(sigmas)}: every sigma must be > 0")
-    with Objective(model, loss_fn, batches, params) as objective:
+    with Objective(model, loss_fn, batches, params, progress=progress) as objective:
         clean = objective.loss()
-        objective.take_snapshot()
         generator = objective.generator(seed)
         directions = [torch.randn(objective.dim, generator=generator, device=objective.device,
                                   dtype=objective.dtype) for _ in range(num_draws)]
         results = []
-        try:
-            for sigma in sigmas:
-                deltas = []
-                for direction in directions:
-                    pieces = objective.split(direction)
-                    objective.place(pieces, sigma)
-                    plus = objective.loss()
-                    objective.place(pieces, -sigma)
-                    minus = objective.loss()
-                    deltas.append((plus + minus) / 2 - clean)
-                values = torch.tensor(deltas, dtype=torch.float64)
-                stderr = values.std().item() / math.sqrt(num_draws) if num_draws > 1 else math.nan
-                results.append({"sigma": sigma, "mean": values.mean().item(), "stderr": stderr,
-                                "num_draws": num_draws, "loss": clean})
-        finally:
-            objective.restore()
+        for sigma in sigmas:
+            deltas = []
+            for direction in directions:
+                pieces = objective.split(direction)
+                plus, minus = [objective.loss() for _ in objective.antithetic(pieces, sigma)]
+                deltas.append((plus + minus) / 2 - clean)
+            values = torch.tensor(deltas, dtype=torch.float64)
+            stderr = values.std().item() / math.sqrt(num_draws) if num_draws > 1 else math.nan
+            results.append({"sigma": sigma, "mean": values.mean().item(), "stderr": stderr,
+                            "num_draws": num_draws, "loss": clean})
     return results
 
 
-def curvature_along(model, loss_fn, batches, direction: Dict[str, torch.Tensor], *, hvp: str = "exact") -> dict:
+def curvature_along(model, loss_fn, batches, direction: Dict[str, torch.Tensor], *, hvp: str = "exact",
+                    progress: Optional[Callable[[int], None]] = None) -> dict:
     """d^T H d for a direction given per parameter name (e.g. w - w0 against a reference
     checkpoint); parameters not named have zero direction. Also ||d|| and the Rayleigh
     quotient d^T H d / ||d||^2 (the curvature per unit step)."""
     names = list(direction)
-    with Objective(model, loss_fn, batches, names, hvp) as objective:
+    with Objective(model, loss_fn, batches, names, hvp, progress) as objective:
         for name in names:
             if tuple(direction[name].shape) != tuple(objective.named[name].shape):
                 raise HessianError(f"direction {name}: shape {tuple(direction[name].shape)} does not match "
@@ -383,7 +415,7 @@ def hessian_metrics(model, loss_fn, batches, args) -> Dict[str, float]:
     settings = dict(params=args.hessian_params, seed=args.seed)
     batches = list(batches)
     result = hessian_trace(model, loss_fn, batches, num_probes=args.hessian_probes, method=args.hessian_method,
-                           hvp=args.hessian_hvp, **settings)
+                           hvp=args.hessian_hvp, block_size=args.hessian_block_size, **settings)
     metrics = {"hessian/trace": result["trace"], "hessian/trace_stderr": result["stderr"]}
     for tower, trace in result["per_tower"].items():
         metrics[f"hessian/trace_{tower}"] = trace
@@ -475,30 +507,15 @@ def first_batches(args, model_bundle, world, device):
     return batches, split
 
 
-class ProgressLoss:
-    """Wraps loss_fn to advance a tqdm bar on rank 0: one tick per loss evaluation."""
-
-    def __init__(self, loss_fn, enabled: bool):
-        self.loss_fn = loss_fn
-        self.enabled = enabled
-        self.bar = None
-
-    @contextlib.contextmanager
-    def stage(self, description: str, total: Optional[int]):
-        if self.enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=description, unit="loss", file=sys.stderr, dynamic_ncols=True)
-        try:
-            yield
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-
-    def __call__(self, model, batch):
-        if self.bar is not None:
-            self.bar.update(1)
-        return self.loss_fn(model, batch)
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, enabled: bool):
+    """A tqdm bar on stderr (rank 0), yielding its update function; None where disabled."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+    with tqdm(total=total, desc=description, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar.update
 
 
 def checkpoint_step(path) -> int:
@@ -528,28 +545,31 @@ def run(args) -> dict:
     if args.reference_checkpoint:
         reference = model_state_dict(load_checkpoint(args.reference_checkpoint))
     batches, split = first_batches(args, bundle, world, world.device)
-    loss_fn = ProgressLoss(contrastive_loss_fn(create_loss(args, world)), world.is_master)
-    per_product = len(batches) * (1 if args.hessian_hvp == "exact" else 2)
+    loss_fn = contrastive_loss_fn(create_loss(args, world))
+    settings = dict(seed=args.seed, params=args.hessian_params)
 
-    with loss_fn.stage("trace", args.hessian_probes * per_product):
+    with progress_bar("trace (products)", args.hessian_probes, world.is_master) as progress:
         report = hessian_trace(model, loss_fn, batches, num_probes=args.hessian_probes, method=args.hessian_method,
-                               hvp=args.hessian_hvp, seed=args.seed, params=args.hessian_params)
+                               hvp=args.hessian_hvp, block_size=args.hessian_block_size, progress=progress,
+                               **settings)
     report["top_eigenvalues"] = []
     if args.hessian_top_k > 0:
-        with loss_fn.stage("eigenvalues", args.hessian_max_iter * per_product):
+        with progress_bar("eigenvalues (products)", args.hessian_max_iter, world.is_master) as progress:
             report["top_eigenvalues"] = top_eigenvalues(model, loss_fn, batches, k=args.hessian_top_k,
-                                                        max_iter=args.hessian_max_iter, seed=args.seed,
-                                                        params=args.hessian_params, hvp=args.hessian_hvp)
+                                                        max_iter=args.hessian_max_iter, hvp=args.hessian_hvp,
+                                                        progress=progress, **settings)
     if args.sigmas:
-        with loss_fn.stage("noise stability", len(batches) * (1 + 2 * args.noise_stability_draws * len(args.sigmas))):
+        evaluations = 1 + 2 * args.noise_stability_draws * len(args.sigmas)
+        with progress_bar("noise stability (losses)", evaluations, world.is_master) as progress:
             report["noise_stability"] = noise_stability(model, loss_fn, batches, args.sigmas,
-                                                        num_draws=args.noise_stability_draws, seed=args.seed,
-                                                        params=args.hessian_params)
+                                                        num_draws=args.noise_stability_draws, progress=progress,
+                                                        **settings)
     if reference is not None:
         direction = difference_from_reference(model, reference, args.hessian_params)
-        with loss_fn.stage("reference curvature", per_product):
+        with progress_bar("reference curvature (products)", 1, world.is_master) as progress:
             report["reference"] = {"checkpoint": args.reference_checkpoint,
-                                   **curvature_along(model, loss_fn, batches, direction, hvp=args.hessian_hvp)}
+                                   **curvature_along(model, loss_fn, batches, direction, hvp=args.hessian_hvp,
+                                                     progress=progress)}
     bare = unwrap(model)
     report["settings"] = {
         "model": args.model, "checkpoint": args.resume or args.pretrained or None, "data_split": split,
@@ -558,7 +578,7 @@ def run(args) -> dict:
         "logit_scale": bare.logit_scale.exp().item() if hasattr(bare, "logit_scale") else None,
         "seed": args.seed, "params": args.hessian_params, "precision": args.precision, "device": str(world.device),
         "num_probes": args.hessian_probes, "method": args.hessian_method, "hvp": args.hessian_hvp,
-        "top_k": args.hessian_top_k, "max_iter": args.hessian_max_iter,
+        "block_size": args.hessian_block_size, "top_k": args.hessian_top_k, "max_iter": args.hessian_max_iter,
     }
     return report
 

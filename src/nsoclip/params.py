@@ -155,6 +155,9 @@ def add_hessian_args(parser):
     group.add_argument("--hessian-params", type=str, default=None,
                        help="Comma-separated substrings; only parameters whose name contains one are included.")
     group.add_argument("--hessian-max-iter", type=int, default=100, help="Lanczos iterations for eigenvalues.")
+    group.add_argument("--hessian-block-size", type=int, default=8,
+                       help="Hutchinson probes multiplied together, sharing each batch's graph (exact HVPs); "
+                            "costs 2 x this many parameter-sized vectors of memory.")
 
 
 def add_training_args(parser):
@@ -348,6 +351,8 @@ def validate_hessian(args):
         raise UsageError(f"--hessian-probes {args.hessian_probes}: must be >= 1")
     if args.hessian_num_batches < 1:
         raise UsageError(f"--hessian-num-batches {args.hessian_num_batches}: must be >= 1")
+    if args.hessian_block_size < 1:
+        raise UsageError(f"--hessian-block-size {args.hessian_block_size}: must be >= 1")
     if args.hessian_top_k < 0:
         raise UsageError(f"--hessian-top-k {args.hessian_top_k}: must be >= 0")
     if args.hessian_top_k > args.hessian_max_iter:

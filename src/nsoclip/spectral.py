@@ -1,9 +1,11 @@
-"""Matrix-free spectral estimators for a symmetric operator given only as `matvec(v) -> A v`:
-Hutchinson and Hutch++ trace estimates (with per-segment diagonal-block traces) and Lanczos
-for the largest eigenvalues. Pure linear algebra on flat vectors: nothing here knows about
-models or ranks, so the estimators are tested against dense matrices directly.
+"""Matrix-free spectral estimators for a symmetric operator given only as `products(V) -> V A`,
+the products A v for each row v of a block V: Hutchinson and Hutch++ trace estimates (with
+per-segment diagonal-block traces) and Lanczos for the largest eigenvalues. The estimators hand
+over every vector they already know in one block, so an operator that shares work between
+products (the Hessian reuses one batch's graph) can. Pure linear algebra on flat vectors:
+nothing here knows about models or ranks, so the estimators are tested against dense matrices.
 
-Every estimator returns per-probe *samples*: one row per independent probe, one column per
+Every trace estimator returns per-probe *samples*: one row per independent probe, one column per
 segment (a contiguous slice of the vector, e.g. one parameter tensor). The estimate is the
 column mean and the standard error comes from the spread of the rows, so any grouping of
 segments (a layer, a tower) gets a correct standard error by summing columns first."""
@@ -13,8 +15,13 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
-Matvec = Callable[[torch.Tensor], torch.Tensor]
+Products = Callable[[torch.Tensor], torch.Tensor]  # (m, dim) -> (m, dim): row i is A v_i
 Segment = Tuple[int, int]
+
+# Hutchinson probes drawn and multiplied together: enough to share each batch's graph across
+# several products, few enough that the block (probes and products, 2 x 8 parameter-sized
+# vectors) stays small beside the model.
+HUTCHINSON_BLOCK = 8
 
 
 @dataclass
@@ -30,40 +37,43 @@ class TraceSamples:
         return totals.mean().item(), stderr
 
 
-def rademacher(dim: int, generator: torch.Generator, dtype, device) -> torch.Tensor:
-    """+-1 entries, drawn on the generator's device so every rank with the same seed and device
-    type draws the same probe."""
-    bits = torch.randint(0, 2, (dim,), generator=generator, device=generator.device)
+def rademacher(count: int, dim: int, generator: torch.Generator, dtype, device) -> torch.Tensor:
+    """`count` rows of +-1 entries, drawn on the generator's device so every rank with the same
+    seed and device type draws the same probes."""
+    bits = torch.randint(0, 2, (count, dim), generator=generator, device=generator.device)
     return (bits.to(dtype) * 2 - 1).to(device)
 
 
-def segment_sums(values: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
-    return torch.stack([values[start:end].sum(dtype=torch.float64) for start, end in segments])
+def segment_sums(rows: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    """(m, dim) -> (m, num_segments) float64 sums of each row over each segment."""
+    return torch.stack([rows[:, start:end].sum(dim=1, dtype=torch.float64) for start, end in segments], dim=1)
 
 
-def hutchinson(matvec: Matvec, dim: int, num_probes: int, generator: torch.Generator,
-               segments: Sequence[Segment], dtype=torch.float32, device="cpu") -> TraceSamples:
-    """z^T A z with Rademacher z; segment s of row i is z_s . (A z)_s, an unbiased estimate of
-    the trace of A's diagonal block s (the off-block terms have zero mean)."""
+def hutchinson(products: Products, dim: int, num_probes: int, generator: torch.Generator,
+               segments: Sequence[Segment], dtype=torch.float32, device="cpu",
+               block_size: int = HUTCHINSON_BLOCK) -> TraceSamples:
+    """z^T A z with Rademacher z, `block_size` probes at a time; segment s of row i is
+    z_s . (A z)_s, an unbiased estimate of the trace of A's diagonal block s (the off-block terms
+    have zero mean)."""
     rows = []
-    for _ in range(num_probes):
-        z = rademacher(dim, generator, dtype, device)
-        rows.append(segment_sums(z * matvec(z), segments))
-    return TraceSamples(torch.stack(rows), num_probes)
+    for start in range(0, num_probes, block_size):
+        probes = rademacher(min(block_size, num_probes - start), dim, generator, dtype, device)
+        rows.append(segment_sums(products(probes).mul_(probes), segments))
+    return TraceSamples(torch.cat(rows), num_probes)
 
 
-def orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the column space; QR in float64 for stability."""
-    q, _ = torch.linalg.qr(matrix.to(torch.float64))
-    return q.to(matrix.dtype)
+def orthonormal_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (as rows) of the span of the rows; QR in float64 for stability."""
+    q, _ = torch.linalg.qr(rows.T.to(torch.float64))
+    return q.T.to(rows.dtype).contiguous()
 
 
-def hutchpp(matvec: Matvec, dim: int, num_matvecs: int, generator: torch.Generator,
+def hutchpp(products: Products, dim: int, num_matvecs: int, generator: torch.Generator,
             segments: Sequence[Segment], dtype=torch.float32, device="cpu") -> TraceSamples:
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021) with a budget of `num_matvecs` products:
     a third sketch the range (Q = orth(A S)), a third compute A Q, and the rest run Hutchinson
     on the deflated remainder (I - QQ^T) A (I - QQ^T). Budgets below 3 leave no room for a
-    sketch and fall back to Hutchinson.
+    sketch and fall back to Hutchinson. Each of the three phases is one block of products.
 
     Per segment s, the trace of A's diagonal block is sum_{i in s} (A QQ^T)_ii (exact, from A Q
     and Q) plus sum_{i in s} u_i (A u)_i with u = (I - QQ^T) g, unbiased for
@@ -71,22 +81,15 @@ def hutchpp(matvec: Matvec, dim: int, num_matvecs: int, generator: torch.Generat
     standard error is conditional on the sketch: it is the spread of the residual probes."""
     sketch = num_matvecs // 3
     if sketch == 0:
-        return hutchinson(matvec, dim, num_matvecs, generator, segments, dtype, device)
-    sketch_images = torch.stack([matvec(rademacher(dim, generator, dtype, device)) for _ in range(sketch)], dim=1)
-    basis = orthonormal_columns(sketch_images)
-    del sketch_images
-    images = torch.stack([matvec(basis[:, j].contiguous()) for j in range(basis.shape[1])], dim=1)
-    exact = segment_sums((images * basis).sum(dim=1), segments)
-    del images
-    rows = []
-    for _ in range(num_matvecs - 2 * sketch):
-        g = rademacher(dim, generator, dtype, device)
-        u = g - basis @ (basis.T @ g)
-        rows.append(exact + segment_sums(u * matvec(u), segments))
-    return TraceSamples(torch.stack(rows), num_matvecs)
+        return hutchinson(products, dim, num_matvecs, generator, segments, dtype, device)
+    basis = orthonormal_rows(products(rademacher(sketch, dim, generator, dtype, device)))
+    exact = segment_sums((products(basis) * basis).sum(dim=0, keepdim=True), segments)
+    residual = rademacher(num_matvecs - 2 * sketch, dim, generator, dtype, device)
+    residual -= (residual @ basis.T) @ basis
+    return TraceSamples(exact + segment_sums(residual * products(residual), segments), num_matvecs)
 
 
-def lanczos_top(matvec: Matvec, dim: int, k: int, max_iter: int, tol: float, generator: torch.Generator,
+def lanczos_top(products: Products, dim: int, k: int, max_iter: int, tol: float, generator: torch.Generator,
                 dtype=torch.float32, device="cpu") -> Tuple[List[float], int]:
     """The k largest algebraic eigenvalues (largest first) and the number of products used.
 
@@ -100,11 +103,11 @@ def lanczos_top(matvec: Matvec, dim: int, k: int, max_iter: int, tol: float, gen
     max_iter = min(max_iter, dim)
     basis = torch.empty(max_iter, dim, dtype=dtype, device=device)
     alphas, betas = [], []
-    q = rademacher(dim, generator, dtype, device)
+    q = rademacher(1, dim, generator, dtype, device)[0]
     basis[0] = q / q.norm()
     ritz = torch.empty(0, dtype=torch.float64)
     for j in range(max_iter):
-        w = matvec(basis[j])
+        w = products(basis[j:j + 1])[0]
         alpha = torch.dot(w, basis[j]).item()
         for _ in range(2):
             w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)

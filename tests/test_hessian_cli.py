@@ -96,3 +96,12 @@ def test_bad_input_exits_2_with_one_line(single_run, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_progress_bars_count_products(single_run, capsys):
+    """Rank 0's bars count Hessian-vector products (graphs are shared, so loss evaluations
+    would undercount the work) and reach their totals."""
+    assert main(common_flags(single_run["tmp"], 4)) == 0
+    err = capsys.readouterr().err
+    assert "trace (products)" in err and "4/4" in err
+    assert "noise stability (losses)" in err and "9/9" in err

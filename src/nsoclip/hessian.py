@@ -131,7 +131,7 @@ class Objective:
         self.dim = start
         self.sizes = [p.numel() for p in self.params]
         self.num_products = 0
-        self._kept_graph = None
+        self._kept_graph = self._points = None
 
     def __enter__(self):
         self._was_training = self.model.training
@@ -140,7 +140,7 @@ class Objective:
 
     def __exit__(self, *exc):
         self.model.train(self._was_training)
-        self._kept_graph = None
+        self._kept_graph = self._points = None
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -256,17 +256,21 @@ class Objective:
 
     def antithetic(self, directions, step: float):
         """Puts the model at w + step * d, then at w - step * d, yielding at each; w's own tensors
-        are back under the parameters when it ends. Both points are formed together (the second
-        pass over w and d finds them in cache) as new tensors swapped in under the parameters
-        (`.data`): w is never written, so it comes back bit for bit without a snapshot or a
-        restoring copy."""
+        are back under the parameters when it ends. Both points are formed together, parameter
+        by parameter (the second reads w and d from cache), into two sets of buffers allocated
+        once per Objective (fresh ones every product cost page faults on CPU), which are swapped
+        in under the parameters (`.data`): w is never written, so it comes back bit for bit
+        without a snapshot or a restoring copy."""
         self._kept_graph = None  # it would read the swapped-in weights
         weights = [p.data for p in self.params]
-        points = [torch._foreach_add(weights, directions, alpha=step),
-                  torch._foreach_add(weights, directions, alpha=-step)]
+        if self._points is None:
+            self._points = [[torch.empty_like(w) for w in weights] for _ in range(2)]
+        for weight, direction, plus, minus in zip(weights, directions, *self._points):
+            torch.add(weight, direction, alpha=step, out=plus)
+            torch.add(weight, direction, alpha=-step, out=minus)
         try:
-            while points:
-                for p, value in zip(self.params, points.pop(0)):
+            for point in self._points:
+                for p, value in zip(self.params, point):
                     p.data = value
                 yield
         finally:

@@ -137,7 +137,8 @@ def test_lanczos_finds_largest_algebraic_eigenvalues_of_a_coupled_matrix():
     spectrum = torch.cat([torch.tensor([-50.0, 19.7, 12.0, 11.5], dtype=torch.float64),
                           torch.linspace(-3, 3, 36, dtype=torch.float64)])
     matrix = basis @ torch.diag(spectrum) @ basis.T
-    found, used = lanczos_top(lambda rows: rows @ matrix, 40, 3, 40, 1e-6, torch.Generator().manual_seed(1), torch.float64)
+    found, used = lanczos_top(lambda rows: rows @ matrix, 40, 3, 40, 1e-6, torch.Generator().manual_seed(1),
+                              torch.float64)
     assert used <= 40
     assert torch.allclose(torch.tensor(found, dtype=torch.float64), torch.tensor([19.7, 12.0, 11.5], dtype=torch.float64),
                           rtol=1e-6)
@@ -174,8 +175,8 @@ def counted(loss_fn):
 
 def test_products_share_each_batch_graph_and_keep_a_single_one(micro):
     """Rows of one products() call share each batch's graph (one loss evaluation per batch and
-    call); a single batch's graph is kept between calls and dropped when antithetic() swaps the
-    weights, so the next product is again the Hessian at w. Every product matches H v from the
+    call); a single batch's graph is kept between calls and dropped when at_antithetic_points()
+    swaps the weights, so the next product is again the Hessian at w. Every product matches H v from the
     exact Hessian, for one batch and for two."""
     model = micro["model"]
     one = micro["batches"][:1]
@@ -187,7 +188,7 @@ def test_products_share_each_batch_graph_and_keep_a_single_one(micro):
         again = objective.hvp(rows[1])
         assert len(calls) == 1 and torch.equal(again, first[1])
         clean = objective.loss()
-        moved = [objective.loss() for _ in objective.antithetic(objective.split(rows[0]), 0.1)]
+        moved = objective.at_antithetic_points(objective.split(rows[0]), 0.1, objective.loss)
         assert len(calls) == 4 and clean not in moved
         after = objective.hvp(rows[1])
         assert len(calls) == 5 and torch.equal(after, first[1])
@@ -202,6 +203,26 @@ def test_products_share_each_batch_graph_and_keep_a_single_one(micro):
         assert len(calls) == 2 * NUM_BATCHES
     truth = rows.double() @ micro["hessian"]
     assert (both.double() - truth).norm() <= 1e-4 * truth.norm()
+
+
+def test_antithetic_points_leave_w_untouched_even_on_error(micro):
+    """The points are swapped in under the parameters; the parameters hold w's own tensors,
+    unchanged, afterwards, also when the evaluation raises."""
+    model = micro["model"]
+    before = flat_weights(model)
+    storages = [p.data.data_ptr() for p in model.parameters()]
+    with Objective(model, micro["loss_fn"], micro["batches"]) as objective:
+        direction = objective.split(torch.ones(objective.dim))
+        seen = objective.at_antithetic_points(direction, 0.5, lambda: flat_weights(model))
+        assert torch.allclose(seen[0], before + 0.5) and torch.allclose(seen[1], before - 0.5)
+
+        def fail():
+            raise RuntimeError("out of memory")
+
+        with pytest.raises(RuntimeError, match="out of memory"):
+            objective.at_antithetic_points(direction, 0.5, fail)
+    assert torch.equal(flat_weights(model), before)
+    assert [p.data.data_ptr() for p in model.parameters()] == storages
 
 
 @pytest.mark.parametrize("hvp", ["exact", "finite_difference"])

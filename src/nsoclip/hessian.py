@@ -13,6 +13,7 @@ noise come from generators seeded identically on every rank, so all ranks get th
 """
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -123,13 +124,10 @@ class Objective:
         self.params = list(self.named.values())
         self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         self.device = self.params[0].device
-        self.segments = []
-        start = 0
-        for p in self.params:
-            self.segments.append((start, start + p.numel()))
-            start += p.numel()
-        self.dim = start
         self.sizes = [p.numel() for p in self.params]
+        ends = list(itertools.accumulate(self.sizes))
+        self.segments = [(end - size, end) for size, end in zip(self.sizes, ends)]
+        self.dim = ends[-1]
         self.num_products = 0
         self._kept_graph = self._points = None
 
@@ -209,7 +207,8 @@ class Objective:
                     continue
                 for row, (target, vector) in enumerate(zip(out, vectors)):
                     directions = self.split(vector)
-                    products = torch.autograd.grad(outputs, self.params, grad_outputs=[directions[i] for i in positions],
+                    products = torch.autograd.grad(outputs, self.params,
+                                                   grad_outputs=[directions[i] for i in positions],
                                                    retain_graph=kept or row + 1 < len(vectors), allow_unused=True,
                                                    materialize_grads=True)
                     pieces = [t.reshape(-1).to(self.dtype) for t in products]
@@ -249,18 +248,19 @@ class Objective:
                 continue
             step = FD_STEP * math.sqrt(self.dim) / vector_norm
             directions = self.split(vector)
-            plus, minus = [self.local_gradients(scale=1 / (2 * step)) for _ in self.antithetic(directions, step)]
+            scale = 1 / (2 * step)
+            plus, minus = self.at_antithetic_points(directions, step, lambda: self.local_gradients(scale))
             for (start, end), high, low in zip(self.segments, plus, minus):
                 torch.sub(high.reshape(-1), low.reshape(-1), out=target[start:end])
         return out
 
-    def antithetic(self, directions, step: float):
-        """Puts the model at w + step * d, then at w - step * d, yielding at each; w's own tensors
-        are back under the parameters when it ends. Both points are formed together, parameter
-        by parameter (the second reads w and d from cache), into two sets of buffers allocated
-        once per Objective (fresh ones every product cost page faults on CPU), which are swapped
-        in under the parameters (`.data`): w is never written, so it comes back bit for bit
-        without a snapshot or a restoring copy."""
+    def at_antithetic_points(self, directions, step: float, evaluate: Callable[[], object]) -> list:
+        """[evaluate() with the model at w + step * d, evaluate() at w - step * d]; w's own tensors
+        are back under the parameters afterwards, also on error. Both points are formed
+        together, parameter by parameter (the second reads w and d from cache), into two sets of
+        buffers allocated once per Objective (fresh ones every product cost page faults on CPU),
+        which are swapped in under the parameters (`.data`): w is never written, so it comes
+        back bit for bit without a snapshot or a restoring copy."""
         self._kept_graph = None  # it would read the swapped-in weights
         weights = [p.data for p in self.params]
         if self._points is None:
@@ -268,14 +268,16 @@ class Objective:
         for weight, direction, plus, minus in zip(weights, directions, *self._points):
             torch.add(weight, direction, alpha=step, out=plus)
             torch.add(weight, direction, alpha=-step, out=minus)
+        results = []
         try:
             for point in self._points:
                 for p, value in zip(self.params, point):
                     p.data = value
-                yield
+                results.append(evaluate())
         finally:
             for p, weight in zip(self.params, weights):
                 p.data = weight
+        return results
 
     def per_segment(self, samples: TraceSamples) -> Dict[str, Dict[str, float]]:
         """Trace estimates with standard errors per parameter, transformer block and tower."""
@@ -371,7 +373,7 @@ def noise_stability(model, loss_fn, batches, sigmas: Sequence[float], *, num_dra
             deltas = []
             for direction in directions:
                 pieces = objective.split(direction)
-                plus, minus = [objective.loss() for _ in objective.antithetic(pieces, sigma)]
+                plus, minus = objective.at_antithetic_points(pieces, sigma, objective.loss)
                 deltas.append((plus + minus) / 2 - clean)
             values = torch.tensor(deltas, dtype=torch.float64)
             stderr = values.std().item() / math.sqrt(num_draws) if num_draws > 1 else math.nan

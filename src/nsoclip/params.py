@@ -5,6 +5,7 @@ import re
 import sys
 
 from .precision import PRECISIONS
+from .spectral import HUTCHINSON_BLOCK
 
 
 class UsageError(ValueError):
@@ -155,7 +156,7 @@ def add_hessian_args(parser):
     group.add_argument("--hessian-params", type=str, default=None,
                        help="Comma-separated substrings; only parameters whose name contains one are included.")
     group.add_argument("--hessian-max-iter", type=int, default=100, help="Lanczos iterations for eigenvalues.")
-    group.add_argument("--hessian-block-size", type=int, default=8,
+    group.add_argument("--hessian-block-size", type=int, default=HUTCHINSON_BLOCK,
                        help="Hutchinson probes multiplied together, sharing each batch's graph (exact HVPs); "
                             "costs 2 x this many parameter-sized vectors of memory.")
 

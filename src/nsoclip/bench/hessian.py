@@ -2,8 +2,7 @@
 
 1. Cost of one Hessian-vector product relative to one gradient (the flat gradient vector), same
    model and batch, timed interleaved in one process (each round starting at the next arm).
-   Exact products (double backward under the
-   math attention kernel) are timed three ways:
+   Exact products (double backward under the math attention kernel) are timed three ways:
    - `exact_hvp_block`: per product of a block of `--block-size` on a fresh graph, which is what
      hessian_trace spends when each call rebuilds the batch's graph (several batches per rank);
    - `exact_hvp_kept_graph`: per product on a kept graph (one batch per rank: every trace probe
@@ -31,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..hessian import Objective
 from ..loss import contrastive_loss_fn
 from ..model import resolve_model_name
-from ..spectral import hutchinson, hutchpp
+from ..spectral import HUTCHINSON_BLOCK, hutchinson, hutchpp
 from .nso import model_spec
 
 CONFIGS = Path(__file__).resolve().parents[3] / "tests" / "configs"
@@ -47,7 +46,8 @@ def parse_args(argv):
                         help="A second, compute-bound model for the HVP cost ('' to skip).")
     parser.add_argument("--compute-batch-size", type=int, default=64)
     parser.add_argument("--compute-rounds", type=int, default=5)
-    parser.add_argument("--block-size", type=int, default=8, help="Products per block, as --hessian-block-size.")
+    parser.add_argument("--block-size", type=int, default=HUTCHINSON_BLOCK,
+                        help="Products per block, as --hessian-block-size.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--exact-model", default=str(CONFIGS / "micro-vit.json"),
                         help="Model small enough for the exact Hessian (trace accuracy).")

@@ -197,6 +197,7 @@ class Objective:
         calls (see gradient_graph). Flash / memory-efficient attention has no double
         backward, so the math kernel is forced."""
         out = torch.empty_like(vectors)
+        directions = [self.split(vector) for vector in vectors]
         with sdpa_kernel(SDPBackend.MATH):
             for index, batch in enumerate(self.batches):
                 outputs, positions = self.gradient_graph(batch)
@@ -205,10 +206,9 @@ class Objective:
                     if index == 0:
                         out.zero_()
                     continue
-                for row, (target, vector) in enumerate(zip(out, vectors)):
-                    directions = self.split(vector)
+                for row, (target, direction) in enumerate(zip(out, directions)):
                     products = torch.autograd.grad(outputs, self.params,
-                                                   grad_outputs=[directions[i] for i in positions],
+                                                   grad_outputs=[direction[i] for i in positions],
                                                    retain_graph=kept or row + 1 < len(vectors), allow_unused=True,
                                                    materialize_grads=True)
                     pieces = [t.reshape(-1).to(self.dtype) for t in products]

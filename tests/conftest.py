@@ -1,17 +1,11 @@
-"""Shared test fixtures: tiny OpenCLIP model configs and launching multi-process jobs on CPU."""
+"""Shared fixtures: the tiny model configs, one thread per test process, logging put back after
+in-process CLI runs. Helpers live in helpers.py."""
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from nsoclip.distributed import free_port, spawn_local_ranks as run_ranks  # noqa: F401 (shared with tests)
-
-CONFIGS = Path(__file__).parent / "configs"
-REPO = Path(__file__).resolve().parent.parent
+from helpers import CONFIGS
 
 torch.set_num_threads(1)
 
@@ -40,38 +34,4 @@ def tiny_config() -> str:
 def micro_config() -> str:
     """A CLIP small enough (a few hundred parameters) for exact Hessians."""
     return str(CONFIGS / "micro-vit.json")
-
-
-def cpu_env(**extra) -> dict:
-    """Environment for child processes: one thread each (2-core CI), no launcher variables leaking in."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_cli(args, *, nproc: int = 1, timeout: float = 240, env=None, check: bool = True,
-            module: str = "nsoclip.main") -> subprocess.CompletedProcess:
-    """Run `python -m MODULE ARGS` plainly (nproc == 1) or under torchrun with nproc CPU ranks.
-
-    torchrun's own `--logs-specs` makes `--logs` ambiguous to its parser: the `--` keeps our flags
-    away from it (the README shows the same)."""
-    if nproc == 1:
-        command = [sys.executable, "-m", module, *map(str, args)]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   f"--master_port={free_port()}", "-m", module, "--", *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                            env=env or cpu_env(), cwd=REPO)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n"
-                             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}")
-    return result
-
-
-@pytest.fixture
-def cli():
-    return run_cli
 

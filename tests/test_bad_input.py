@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 from nsoclip import hessian, main, zeroshot
 from nsoclip.checkpoint import CheckpointError, latest_checkpoint, load_model_weights, save_checkpoint
@@ -226,7 +226,7 @@ ZEROSHOT_CASES = {
     "pretrained-pickled-code": (["--pretrained", "{files}/code.pt"], "code.pt: refused"),
     "pretrained-truncated": (["--pretrained", "{files}/truncated.pt"], "truncated.pt: corrupt or truncated"),
     "pretrained-text-file": (["--pretrained", "{files}/text.pt"], "text.pt: corrupt or truncated"),
-    "batch-size-zero": (["--batch-size", "0"], "--batch-size must be >= 1"),
+    "batch-size-zero": (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
     "classnames-missing": (["--zeroshot-classnames", "{files}/absent.txt"], "absent.txt"),
     "val-csv-missing": (["--val-data", "{files}/absent.csv"], "absent.csv: file not found"),
     "imagenet-folder-missing": (["--imagenet-val", "{files}/no-imagenet"], "no-imagenet: folder not found"),

@@ -3,6 +3,7 @@ folder rules and its stage runner's progress and failure reporting. The demo end
 run here: its 4 torchrun jobs take about 95 s even with 1 epoch (see docs/demo.md)."""
 import argparse
 import io
+import json
 import re
 import string
 import sys
@@ -16,7 +17,7 @@ from PIL import Image
 
 from nsoclip import demo
 from nsoclip.shards import main as shards_main
-from nsoclip.zero_shot import load_set
+from nsoclip.classification import load_set
 
 TEST_SIZE = 300
 SEED = 0
@@ -156,17 +157,18 @@ def test_hanging_stage_is_killed_at_its_timeout(tmp_path):
         demo.run_stage("hanging stage", command, tmp_path / "stage.log", timeout=1)
 
 
-def test_progress_lines_summarise_epochs_and_zero_shot():
-    end = "2024 | INFO | Train epoch 2 [11/11] step 33 | loss: 4.4536 lr: 0.001"
-    middle = "2024 | INFO | Train epoch 2 [5/11] step 27 | loss: 4.5 lr: 0.001"
-    evaluation = "2024 | INFO | Eval epoch 3 | digits-zeroshot-val-top1: 0.3400 digits-zeroshot-val-top5: 0.8"
-    assert demo.progress_line(end) == "    epoch 3: step 33, training loss 4.454"
-    assert demo.progress_line(middle) is None
-    assert demo.progress_line(evaluation) == "    zero-shot top-1 on held-out digits: 34.0%"
+def test_progress_lines_summarise_epochs_and_zero_shot(tmp_path):
+    records = [{"epoch": 2, "step": 27, "batch": 5, "batches": 11, "loss": 4.5},
+               {"epoch": 2, "step": 33, "batch": 11, "batches": 11, "loss": 4.4536}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "results.jsonl").write_text(json.dumps({"epoch": 3, "step": 33, "digits-zeroshot-val-top1": 0.34,
+                                                        "digits-zeroshot-val-top5": 0.8}) + "\n")
+    assert demo.epoch_lines(tmp_path) == ["    epoch 3: step 33, training loss 4.454",
+                                          "    zero-shot top-1 on held-out digits: 34.0%"]
     hessian = ('{"trace": 4792.1, "stderr": 331.0, "num_hvps": 16, "top_eigenvalues": [957.0], '
                '"noise_stability": [{"sigma": 0.005, "mean": 0.0694, "stderr": 0.017, "loss": 2.8903}]}')
-    assert demo.progress_line(hessian) == ("    Hessian trace 4792 ± 3.3e+02, top eigenvalue 957, "
+    assert demo.hessian_summary(json.loads(hessian)) == ("    Hessian trace 4792 ± 3.3e+02, top eigenvalue 957, "
                                            "noise stability (sigma 0.005) 0.0694, loss at the checkpoint 2.890")
-    assert demo.progress_line('{"trace": null, "stderr": null, "top_eigenvalues": []}') == \
+    assert demo.hessian_summary({"trace": None, "stderr": None, "top_eigenvalues": []}) == \
         "    Hessian trace n/a ± n/a, top eigenvalue n/a"
 

@@ -3,7 +3,7 @@ torchrun --max-restarts, SIGTERM preemption, a checkpoint write killed mid-way, 
 losses, a rank hung in a collective, and resuming on another world size. Each run is compared
 with an uninterrupted one: exactly where the world size is the same, within float tolerance
 where it changes."""
-import logging
+import datetime
 import os
 import re
 import signal
@@ -15,13 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from conftest import CONFIGS, REPO, cpu_env, free_port, run_cli
-from test_train_cli import assert_same_weights, weights
+from helpers import (CONFIGS, REPO, assert_same_weights, cpu_env, in_process, python_command, read_jsonl, run_cli,
+                     run_ranks, weights)
 
 from nsoclip.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, save_checkpoint
+from nsoclip.distributed import World
 from nsoclip.main import STOPPED_ON_REQUEST, main
+from nsoclip.update import apply_update
 
 TINY = str(CONFIGS / "tiny-vit.json")
 DEADLINE = 180  # seconds any one launched job may take before the test fails
@@ -42,11 +45,7 @@ def launch(args, logfile: Path, nproc=1, torchrun_flags=()):
 
     torchrun gets the c10d rendezvous (--standalone): with the static one (--master_port alone)
     a restarted group reuses the first attempt's store keys and gloo can hang connecting."""
-    if nproc == 1:
-        command = [sys.executable, "-m", "nsoclip.main", *map(str, args)]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   *torchrun_flags, "-m", "nsoclip.main", "--", *map(str, args)]
+    command = python_command("nsoclip.main", args, nproc, torchrun_flags=["--standalone", *torchrun_flags])
     with open(logfile, "w") as out:
         return subprocess.Popen(command, env=cpu_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -72,7 +71,7 @@ def finish(process, timeout=DEADLINE) -> int:
 
 
 def trained_a_step(run_dir: Path):
-    return lambda: "Train epoch" in read(run_dir / "out.log")
+    return lambda: bool(read_jsonl(run_dir / "metrics.jsonl"))
 
 
 def read(path: Path) -> str:
@@ -91,20 +90,7 @@ def workers_of(agent_pid: int):
 
 
 def train_here(args) -> int:
-    """The training CLI in this process, for runs that need no process of their own: no
-    interpreter start-up, the same arithmetic (one thread, as the subprocesses). Puts back the
-    logging set-up and SIGTERM handler it installs."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        return main([str(a) for a in args])
-    finally:
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:], root.level = handlers, level
-        signal.signal(signal.SIGTERM, sigterm)
+    return in_process(main, args)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +150,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     assert target.read_bytes() == before
     assert load_checkpoint(target)["step"] == 2
     assert latest_checkpoint(checkpoint_dir) == target
-    Checkpointer(checkpoint_dir, args=None, is_master=True)
+    Checkpointer(checkpoint_dir, args=None, world=World()).remove_partial_writes()
     assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["step_2.pt"]
 
 
@@ -267,14 +253,8 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, capsys):
     assert {int(s["step"]) for s in checkpoint["optimizer"]["state"].values()} == {1}
 
 
-def skip_decision_worker(rank, port, out_dir):
+def skip_decision_worker(rank, world_size, port, out_dir):
     """Rank 1 alone sees a NaN input; DDP all-reduces gradients before apply_update decides."""
-    import datetime
-
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from nsoclip.optim import apply_update
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
@@ -299,11 +279,7 @@ def skip_decision_worker(rank, port, out_dir):
 
 @pytest.mark.slow
 def test_nonfinite_gradient_on_one_rank_is_skipped_on_every_rank(tmp_path):
-    context = mp.start_processes(skip_decision_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="fork")
-    deadline = time.time() + 120
-    while not context.join(timeout=5):
-        assert time.time() < deadline, "workers did not finish"
+    run_ranks(skip_decision_worker, 2, str(tmp_path), timeout=120)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for result in results:
         assert result["decisions"] == [False, True]

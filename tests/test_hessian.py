@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import CONFIGS, run_ranks
-from nsoclip.hessian import (HessianError, Objective, block_of, curvature_along, hessian_metrics, hessian_trace,
-                             noise_stability, top_eigenvalues, tower_of)
+from helpers import CONFIGS, run_ranks
+from nsoclip.curvature import (HessianError, Objective, curvature_along, hessian_metrics, hessian_trace,
+                               noise_stability, top_eigenvalues)
+from nsoclip.layout import block_of, tower_of
 from nsoclip.loss import contrastive_loss_fn
 from nsoclip.model import resolve_model_name
 from nsoclip.spectral import hutchinson, hutchpp, lanczos_top

@@ -7,7 +7,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import CONFIGS, run_cli
+from helpers import CONFIGS, run_cli
 from nsoclip.checkpoint import save_checkpoint
 from nsoclip.hessian import main
 from nsoclip.model import resolve_model_name

@@ -1,21 +1,20 @@
 """NSO: the estimator against exact gradients, the cost contract (passes, snapshot, exact restore,
 one all-reduce), the noise stream (seeded, rank-identical, resumable) and AMP handling."""
-import datetime
 import io
 import math
 import os
 
+import open_clip
 import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import run_ranks
-from nsoclip.nso import NSO, noise_seed
-
-
-def flat(params) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params]).clone()
+from helpers import (count_all_reduces, flat, gradient_at, init_gloo, mlp, mlp_batch, mlp_loss, recording_closure,
+                     run_ranks)
+from nsoclip.model import resolve_model_name
+from nsoclip.nso import NSO
+from nsoclip.rng import derive_seed
 
 
 def quadratic(dim: int, seed: int = 0):
@@ -23,44 +22,6 @@ def quadratic(dim: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     root = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
     return root + root.T, torch.randn(dim, generator=generator, dtype=torch.float64)
-
-
-def mlp(seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Dropout(dropout),
-                               torch.nn.Linear(16, 3))
-
-
-def mlp_batch(seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(24, 5, generator=generator), torch.randn(24, 3, generator=generator)
-
-
-def mlp_loss(model, batch):
-    inputs, targets = batch
-    return (model(inputs) - targets).pow(2).mean()
-
-
-def recording_closure(model, batch, points=None, grad_scaler=None):
-    """The closure contract: forward + backward at the current weights, return the loss."""
-
-    def closure():
-        if points is not None:
-            points.append(flat(model.parameters()))
-        loss = mlp_loss(model, batch)
-        (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
-        return loss
-
-    return closure
-
-
-def gradient_at(model, batch, point: torch.Tensor) -> torch.Tensor:
-    """grad L at a flat weight vector, on a throwaway copy of the model."""
-    clone = mlp()
-    clone.load_state_dict(model.state_dict())
-    torch.nn.utils.vector_to_parameters(point, clone.parameters())
-    mlp_loss(clone, batch).backward()
-    return flat(p.grad for p in clone.parameters())
 
 
 @pytest.mark.parametrize("distribution", ["normal", "laplace", "uniform"])
@@ -213,7 +174,7 @@ def test_noise_comes_from_its_own_seeded_generators_not_the_global_rng():
     model = mlp()
     NSO(model.parameters(), torch.optim.SGD, sigma=0.1, seed=6, lr=0.1).step(recording_closure(model, batch, other))
     assert not torch.equal(other[0], runs[0][0])
-    assert noise_seed(5, 0, 0, 1) != noise_seed(5, 0, 1, 0) != noise_seed(5, 1, 0, 0)
+    assert derive_seed(5, 0, 0, 1) != derive_seed(5, 0, 1, 0) != derive_seed(5, 1, 0, 0)
 
 
 def test_perturb_weights_leaves_biases_norms_and_scalars_alone():
@@ -362,27 +323,6 @@ def test_base_optimizer_must_be_a_class_not_an_instance():
 
 # ---- two gloo ranks ---------------------------------------------------------------------------
 
-def init_gloo(rank: int, world_size: int, port: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
-
-
-def count_all_reduces(ddp_model: DDP) -> list:
-    """A comm hook that counts gradient all-reduces: one per synced backward (bucket 0 is
-    reduced exactly once per synced backward, whatever the number of buckets)."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-    counter = [0]
-
-    def hook(state, bucket):
-        counter[0] += bucket.index() == 0
-        return allreduce_hook(None, bucket)
-
-    ddp_model.register_comm_hook(state=None, hook=hook)
-    return counter
-
-
 CLIP_STEPS = 3
 
 
@@ -392,16 +332,7 @@ def clip_nso(model_params, ddp_model=None):
     return NSO(model_params, torch.optim.SGD, sigma=0.01, seed=11, ddp_model=ddp_model, lr=0.5, momentum=0.9)
 
 
-def import_open_clip():
-    """open_clip is imported only where a CLIP model is built, so that ranks spawned by
-    test_sam.py, which import this module's helpers, start quickly."""
-    import open_clip
-    from nsoclip.model import resolve_model_name
-    return open_clip, resolve_model_name
-
-
 def clip_world_worker(rank, world_size, port, config, initial, data, out_dir):
-    open_clip, resolve_model_name = import_open_clip()
     init_gloo(rank, world_size, port)
     model = open_clip.create_model(resolve_model_name(config), output_dict=True)
     model.load_state_dict(torch.load(initial, weights_only=True))
@@ -466,7 +397,6 @@ def clip_world_worker(rank, world_size, port, config, initial, data, out_dir):
 @pytest.fixture(scope="module")
 def clip_two_ranks(tmp_path_factory):
     """Runs the 2-rank job once; the tests below check different parts of its record."""
-    open_clip, resolve_model_name = import_open_clip()
     directory = tmp_path_factory.mktemp("nso_clip")
     config = os.path.join(os.path.dirname(__file__), "configs", "tiny-vit.json")
     torch.manual_seed(0)

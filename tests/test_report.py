@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import REPO, cpu_env
+from helpers import REPO, cpu_env
 from nsoclip.report import Estimate, compare, write_report
 
 ADAMW_HESSIAN = {  # as `nsoclip.hessian --hessian-output` writes it

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from conftest import CONFIGS
-from nsoclip.data import DataInfo
+from helpers import CONFIGS, model_args
+from nsoclip.loader import DataInfo
 from nsoclip.distributed import World
 from nsoclip.evaluate import evaluate, write_results
 from nsoclip.model import create_model_and_transforms
@@ -64,7 +64,7 @@ def test_tied_candidates_give_the_optimistic_rank():
 def tiny():
     torch.manual_seed(0)
     model, _, _, tokenizer = create_model_and_transforms(
-        Namespace(model=str(CONFIGS / "tiny-vit.json"), pretrained="", precision="fp32"), torch.device("cpu"))
+        model_args(str(CONFIGS / "tiny-vit.json")), torch.device("cpu"))
     return model, tokenizer
 
 

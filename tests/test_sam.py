@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from helpers import (count_all_reduces, flat, gradient_at, init_gloo, mlp, mlp_batch, mlp_loss, recording_closure,
+                     run_ranks)
 from nsoclip.sam import SAM
-from conftest import run_ranks
-from test_nso import count_all_reduces, flat, gradient_at, init_gloo, mlp, mlp_batch, mlp_loss, recording_closure
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

@@ -6,7 +6,7 @@ import tarfile
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from helpers import run_cli
 from nsoclip.distributed import World
 from nsoclip.params import parse_args
 from nsoclip.shards import main, write_shards

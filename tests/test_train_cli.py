@@ -1,6 +1,5 @@
 """The training CLI end to end: synthetic and csv data, 1 and 2 processes, multi-node and SLURM
 launches, equivalence of world sizes, exact resume, and OpenCLIP-loadable checkpoints."""
-import re
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, cpu_env, free_port, run_cli
+from helpers import REPO, assert_same_weights, cpu_env, free_port, logged_losses, run_cli, weights
 
 from nsoclip.checkpoint import load_checkpoint
 from nsoclip.main import main
@@ -30,29 +29,6 @@ def train_here(flags):
     """A single-process run in this process: the same code path as the CLI without paying for a
     fresh interpreter; launches are tested by the multi-process tests."""
     assert main([str(a) for a in flags]) == 0
-
-
-def weights(run_dir, checkpoint="epoch_1.pt"):
-    return load_checkpoint(Path(run_dir) / "checkpoints" / checkpoint)["state_dict"]
-
-
-def logged_losses(run_dir):
-    text = (Path(run_dir) / "out.log").read_text()
-    return [float(x) for x in re.findall(r"\| loss: ([0-9.]+)", text)]
-
-
-def assert_same_weights(a, b, atol=1e-5, rtol=1e-4):
-    """The attention key bias is the exception: softmax is invariant to it, so its gradient is
-    zero up to rounding, and AdamW's normalisation turns that rounding into lr-sized steps that
-    depend on summation order. It gets a looser bound; every other tensor the tight one."""
-    assert a.keys() == b.keys()
-    for key in a:
-        x, y = a[key], b[key]
-        if key.endswith("attn.in_proj_bias"):
-            width = x.numel() // 3
-            torch.testing.assert_close(x[width:2 * width], y[width:2 * width], atol=max(atol, 1e-4), rtol=rtol)
-            x, y = torch.cat([x[:width], x[2 * width:]]), torch.cat([y[:width], y[2 * width:]])
-        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=f"weights differ at {key}")
 
 
 def test_single_process_synthetic_writes_run_folder(tiny_config, tmp_path):

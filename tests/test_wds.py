@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from helpers import run_cli
 from nsoclip.distributed import World
 from nsoclip.model import resolve_model_name
 from nsoclip.params import parse_args

@@ -4,13 +4,12 @@ import json
 import logging
 import random
 import re
-from argparse import Namespace
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import CONFIGS, run_cli
+from helpers import CONFIGS, model_args, run_cli
 from nsoclip import zeroshot
 from nsoclip.data import get_data
 from nsoclip.distributed import World
@@ -24,7 +23,7 @@ CLASSNAMES = [f"kind {i}" for i in range(10)]
 def tiny_model(seed):
     torch.manual_seed(seed)
     model, _, preprocess, tokenizer = create_model_and_transforms(
-        Namespace(model=TINY, pretrained="", precision="fp32"), torch.device("cpu"))
+        model_args(TINY), torch.device("cpu"))
     return model.eval(), preprocess, tokenizer
 
 
@@ -124,7 +123,7 @@ def test_bad_input_in_process(workspace, tmp_path, capsys, restore_logging, case
     (tmp_path / "templates-bad.txt").write_text("a photo\n")
     (tmp_path / "empty").mkdir()
     micro = create_model_and_transforms(
-        Namespace(model=str(CONFIGS / "micro-vit.json"), pretrained="", precision="fp32"), torch.device("cpu"))[0]
+        model_args(str(CONFIGS / "micro-vit.json")), torch.device("cpu"))[0]
     torch.save({"state_dict": {f"module.{k}": v for k, v in micro.state_dict().items()}}, tmp_path / "micro.pt")
     base = ["--model", TINY, "--precision", "fp32", "--device", "cpu", "--workers", "0"]
     zeroshot_data = ["--zeroshot-data", str(workspace / "kinds"), "--zeroshot-classnames",

@@ -13,8 +13,11 @@ from typing import Optional
 
 import torch
 
+from .distributed import broadcast_object
+from .errors import NsoclipError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(NsoclipError, ValueError):
     """A checkpoint file is missing, corrupt, unsafe or does not fit the model."""
 
 
@@ -138,22 +141,24 @@ class Checkpointer:
     """The run's checkpoint folder: epoch checkpoints as OpenCLIP names them, step checkpoints
     inside epochs, and restoring a run from any of them.
 
-    Only rank 0 writes. A checkpoint records where the data stream stands (`epoch` = completed
-    epochs, `batch` = batches consumed in the current one), so a resumed run continues exactly."""
+    Rank 0 writes; every rank calls the save methods and learns whether the write succeeded, so a
+    failed write (full disk, lost mount) stops all ranks at once with one line instead of leaving
+    the others waiting in their next collective. A checkpoint records where the data stream
+    stands (`epoch` = completed epochs, `batch` = batches consumed in the current one), so a
+    resumed run continues exactly."""
 
-    def __init__(self, checkpoint_dir, args, is_master: bool):
+    def __init__(self, checkpoint_dir, args, world):
         self.dir = Path(checkpoint_dir)
         self.args = args
-        self.is_master = is_master
-        if is_master:
-            self.remove_partial_writes()
+        self.world = world
 
     def remove_partial_writes(self):
         """A writer killed mid-save leaves its temporary file (never a `*.pt`, so never resumed
         from); rank 0 of the next start removes them, as no other process writes here."""
-        for leftover in self.dir.glob(".*.pt.tmp-*"):
-            logging.warning("Removing %s, left by a checkpoint write that was interrupted", leftover)
-            leftover.unlink(missing_ok=True)
+        if self.world.is_master:
+            for leftover in self.dir.glob(".*.pt.tmp-*"):
+                logging.warning("Removing %s, left by a checkpoint write that was interrupted", leftover)
+                leftover.unlink(missing_ok=True)
 
     def state(self, run, epoch: int, batch: int) -> dict:
         return {
@@ -165,38 +170,53 @@ class Checkpointer:
             "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "nonfinite_total": run.nonfinite_total,
-            "world_size": run.world.world_size,
-            "global_batch_size": self.global_batch_size(run),
+            "world_size": self.world.world_size,
+            "global_batch_size": self.global_batch_size(),
         }
 
-    def global_batch_size(self, run) -> int:
-        return self.args.batch_size * run.world.world_size
+    def global_batch_size(self) -> int:
+        return self.args.batch_size * self.world.world_size
+
+    def agreed(self, write) -> None:
+        """Run `write()` on rank 0 and raise the same CheckpointError on every rank if it failed."""
+        failure = None
+        if self.world.is_master:
+            try:
+                write()
+            except OSError as error:
+                where = error.filename2 or error.filename or self.dir
+                failure = f"cannot write checkpoint {where}: {error.strerror or error}"
+        failure = broadcast_object(failure)
+        if failure is not None:
+            raise CheckpointError(failure)
 
     def save_step(self, run, epoch: int, batch: int):
-        if not self.is_master:
-            return
         path = self.dir / f"step_{run.step}.pt"
-        save_checkpoint(self.state(run, epoch, batch), path)
-        logging.info("Saved step checkpoint %s", path)
-        self.remove_step_checkpoints(keep=path)
+
+        def write():
+            save_checkpoint(self.state(run, epoch, batch), path)
+            logging.info("Saved step checkpoint %s", path)
+            self.remove_step_checkpoints(keep=path)
+        self.agreed(write)
 
     def save_epoch(self, run, completed_epochs: int):
-        if not self.is_master:
-            return
         args = self.args
-        state = self.state(run, completed_epochs, 0)
-        final = completed_epochs == args.epochs
-        if args.save_frequency > 0 and (completed_epochs % args.save_frequency == 0 or final):
-            path = self.dir / f"epoch_{completed_epochs}.pt"
-            save_checkpoint(state, path)
-            logging.info("Saved %s", path)
-            if args.delete_previous_checkpoint:
-                for old in self.dir.glob("epoch_*.pt"):
-                    if old != path and old.stem.split("_")[1].isdigit():
-                        old.unlink()
-        if args.save_most_recent:
-            save_checkpoint(state, self.dir / "epoch_latest.pt")
-        self.remove_step_checkpoints(keep=None)
+
+        def write():
+            state = self.state(run, completed_epochs, 0)
+            final = completed_epochs == args.epochs
+            if args.save_frequency > 0 and (completed_epochs % args.save_frequency == 0 or final):
+                path = self.dir / f"epoch_{completed_epochs}.pt"
+                save_checkpoint(state, path)
+                logging.info("Saved %s", path)
+                if args.delete_previous_checkpoint:
+                    for old in self.dir.glob("epoch_*.pt"):
+                        if old != path and old.stem.split("_")[1].isdigit():
+                            old.unlink()
+            if args.save_most_recent:
+                save_checkpoint(state, self.dir / "epoch_latest.pt")
+            self.remove_step_checkpoints(keep=None)
+        self.agreed(write)
 
     def remove_step_checkpoints(self, keep):
         """Step checkpoints are for recovery only: once a newer checkpoint is safely on disk, the
@@ -216,18 +236,23 @@ class Checkpointer:
             raise CheckpointError(f"--resume {resume}: file not found")
         return path
 
-    def restore(self, run, path: Path, steps_per_epoch: int):
-        """Load model, optimizer and scaler state; returns (epoch, batch) to continue from."""
+    def load(self, path: Path, model: torch.nn.Module) -> dict:
+        """Read a checkpoint to resume from and load its weights into the bare model, checking
+        everything that can be checked before the run folder is touched."""
         checkpoint = load_checkpoint(path)
-        epoch = int(checkpoint.get("epoch", 0))
-        batch = int(checkpoint.get("batch", 0))
         saved_batch_size = checkpoint.get("global_batch_size")
-        if batch and saved_batch_size not in (None, self.global_batch_size(run)):
+        if int(checkpoint.get("batch", 0)) and saved_batch_size not in (None, self.global_batch_size()):
             raise CheckpointError(
                 f"--resume {path}: stopped mid-epoch with a global batch of {saved_batch_size}, now "
-                f"{self.global_batch_size(run)} (--batch-size {self.args.batch_size} x {run.world.world_size} "
+                f"{self.global_batch_size()} (--batch-size {self.args.batch_size} x {self.world.world_size} "
                 "ranks); resume with the same global batch, or from an epoch checkpoint")
-        load_model_weights(run.model, checkpoint, label=f"--resume {path}")
+        load_model_weights(model, checkpoint, label=f"--resume {path}")
+        return checkpoint
+
+    def restore(self, run, path: Path, checkpoint: dict, steps_per_epoch: int):
+        """Optimizer, scaler and counters from a checkpoint `load` read; returns (epoch, batch)
+        to continue from."""
+        epoch = int(checkpoint.get("epoch", 0))
         if "optimizer" in checkpoint:
             try:
                 run.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -238,4 +263,4 @@ class Checkpointer:
             run.scaler.load_state_dict(checkpoint["scaler"])
         run.step = int(checkpoint.get("step", epoch * steps_per_epoch))
         run.nonfinite_total = int(checkpoint.get("nonfinite_total", 0))
-        return epoch, batch
+        return epoch, int(checkpoint.get("batch", 0))

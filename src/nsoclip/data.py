@@ -1,9 +1,7 @@
 """Training and validation data: the synthetic and csv sources, and the dispatch to webdataset.
 
-Every source returns a `DataInfo`. The training loop relies on two promises from it: every rank
-gets exactly `num_batches` batches per epoch (DDP needs equal counts), and
-`set_position(epoch, start_batch)` makes the next iteration resume an epoch mid-way exactly where
-an uninterrupted run would be.
+Every source returns a `loader.DataInfo` (equal batch counts on every rank, exact mid-epoch
+resume through `set_position`).
 
 Map-style sources (synthetic, csv) draw each epoch's order from (seed, epoch) alone and hand rank r
 the r-th slice of every global batch, so the sequence of global batches does not depend on the
@@ -14,32 +12,21 @@ import csv
 import logging
 import os
 import random
-import signal
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional
+from typing import Dict, Optional
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, Sampler
 
 from .distributed import World
+from .errors import NsoclipError
+from .loader import DataInfo, Loader, collate_readable
+from .rng import derive_seed
+from .wds import get_wds_dataset
 
 
-class DataError(ValueError):
+class DataError(NsoclipError, ValueError):
     """Training or validation data that cannot be read as asked (file, column, flag)."""
-
-
-@dataclass
-class DataInfo:
-    dataloader: Iterable
-    num_batches: int
-    num_samples: int
-    set_position: Callable[[int, int], None] = field(default=lambda epoch, start_batch: None)
-    bad_sample_counts: Optional[Callable[[], Dict[str, int]]] = None
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class GlobalBatchSampler(Sampler):
@@ -69,11 +56,11 @@ class GlobalBatchSampler(Sampler):
     def __iter__(self):
         if self.train:
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(
-                sample_seed(self.seed, self.epoch, -1))).tolist()
+                derive_seed(self.seed, self.epoch, "order"))).tolist()
             global_batch = self.batch_size * self.world.world_size
             for b in range(self.start_batch, len(self)):
                 first = b * global_batch + self.world.rank * self.batch_size
-                yield [(i, sample_seed(self.seed, self.epoch, i)) for i in order[first:first + self.batch_size]]
+                yield [(i, derive_seed(self.seed, self.epoch, i)) for i in order[first:first + self.batch_size]]
         else:
             block = list(self.rank_block())
             for first in range(0, len(block), self.batch_size):
@@ -146,7 +133,7 @@ class CsvDataset(Dataset):
             image.load()
         except (OSError, ValueError) as error:
             message = f"csv {self.path}: row {index}: cannot read image {image_path} ({error})"
-            if self.skip_unreadable:
+            if self.skip_unreadable:  # validation: scored without it (retrieval reports num_samples)
                 logging.warning("%s: skipped", message)
                 return None
             raise DataError(message) from None
@@ -161,30 +148,13 @@ def image_size_of(preprocess) -> int:
     raise DataError("cannot find the image size in the preprocessing transform")
 
 
-def ignore_sigterm(worker_id: int):
-    """Dataloader workers leave SIGTERM to the training process: SLURM signals every process of
-    the job step, and a worker that died on it would crash the run before its preemption
-    checkpoint is written."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def collate_readable(samples):
-    """Validation keeps going past unreadable images (training stops: every rank's batch must be
-    full); the metrics' num_samples shows how many were scored."""
-    readable = [s for s in samples if s is not None]
-    if not readable:
-        raise DataError("a whole validation batch of unreadable images")
-    return default_collate(readable)
-
-
 def map_style_data(dataset, args, world: World, train: bool) -> DataInfo:
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, world, args.seed, train)
     if train and len(sampler) == 0:
         raise DataError(f"{len(dataset)} training samples make no full global batch of "
                         f"{args.batch_size} x {world.world_size} ranks: lower --batch-size")
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                        collate_fn=None if train else collate_readable, worker_init_fn=ignore_sigterm,
-                        persistent_workers=args.workers > 0, pin_memory=world.device.type == "cuda")
+    loader = Loader(dataset, batch_sampler=sampler, workers=args.workers, device=world.device,
+                    collate_fn=None if train else collate_readable)
     return DataInfo(loader, num_batches=len(sampler), num_samples=len(dataset), set_position=sampler.set_position)
 
 
@@ -206,7 +176,6 @@ def dataset_type(args, path: Optional[str], train: bool) -> str:
 def get_dataset(args, path: Optional[str], preprocess, tokenizer, world: World, train: bool, epoch: int) -> DataInfo:
     kind = dataset_type(args, path, train)
     if kind == "webdataset":
-        from .wds import get_wds_dataset
         return get_wds_dataset(args, preprocess, tokenizer, is_train=train, epoch=epoch, world=world)
     if kind == "synthetic":
         num_samples = args.train_num_samples if train else (args.val_num_samples or args.batch_size * world.world_size)

@@ -14,10 +14,8 @@ import importlib.resources
 import json
 import os
 import random
-import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +24,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
+
+from .errors import NsoclipError
+from .launch import child_env, python_command
+from .report import write_report
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Training captions: {digit} is the numeral, {word} the English word.
@@ -48,11 +50,11 @@ MARKER = ".nsoclip-demo"
 DEMO_CONFIG = "nsoclip-demo-vit.json"
 
 
-class DemoError(RuntimeError):
+class DemoError(NsoclipError, RuntimeError):
     """A stage failed; the message holds its command and the tail of its output (exit status 1)."""
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(NsoclipError, ValueError):
     """--output cannot be used; printed as one line, exit status 2."""
 
 
@@ -127,43 +129,22 @@ def shard_flags(train_dir: Path, shards: Path, num_train: int, num_shards: int) 
 # ---------------------------------------------------------------------------------------------
 # Subprocesses
 
-def child_env() -> dict:
-    """One thread per rank (2 ranks on 2 cores), no GPU, and no launcher variables of a
-    surrounding job leaking into the demo's own torchrun."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    return env
+def epoch_lines(run_dir: Path) -> List[str]:
+    """The end-of-epoch training losses (metrics.jsonl), then the zero-shot accuracies
+    (results.jsonl) of a run."""
+    lines = []
+    for record in read_jsonl(run_dir / "metrics.jsonl"):
+        if record["batch"] == record["batches"]:
+            lines.append(f"    epoch {record['epoch'] + 1}: step {record['step']}, training loss {record['loss']:.3f}")
+    for record in read_jsonl(run_dir / "results.jsonl"):
+        top1 = record.get(f"{ZEROSHOT_SET}-zeroshot-val-top1")
+        if top1 is not None:
+            lines.append(f"    zero-shot top-1 on held-out digits: {100 * top1:.1f}%")
+    return lines
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(module: str, flags: Sequence, nproc: int) -> List[str]:
-    """The `--` keeps our flags from torchrun's parser (its --logs-specs would swallow --logs)."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", module, "--", *map(str, flags)]
-
-
-TRAIN_LINE = re.compile(r"Train epoch (\d+) \[(\d+)/(\d+)\] step (\d+) \| loss: ([0-9.eE+-]+)")
-EVAL_LINE = re.compile(rf"Eval epoch (\d+) \| .*{ZEROSHOT_SET}-zeroshot-val-top1: ([0-9.]+)")
-
-
-def progress_line(line: str):
-    """A short progress line for the end of each training epoch and each zero-shot evaluation."""
-    train = TRAIN_LINE.search(line)
-    if train and train.group(2) == train.group(3):
-        return f"    epoch {int(train.group(1)) + 1}: step {train.group(4)}, training loss {float(train.group(5)):.3f}"
-    evaluation = EVAL_LINE.search(line)
-    if evaluation:
-        return f"    zero-shot top-1 on held-out digits: {100 * float(evaluation.group(2)):.1f}%"
-    if line.startswith('{"trace"'):
-        return hessian_summary(json.loads(line))
-    return None
+def read_jsonl(path: Path) -> List[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def hessian_summary(summary: dict) -> str:
@@ -207,9 +188,8 @@ def run_stage(title: str, command: Sequence[str], log_path: Path, timeout: float
                 tail.append(line.rstrip("\n").split("\r")[-1])
                 if line.startswith("error: ") and line.rstrip() not in errors:
                     errors.append(line.rstrip())
-                shown = progress_line(line)
-                if shown:
-                    print(shown, flush=True)
+                if line.startswith('{"trace"'):
+                    print(hessian_summary(json.loads(line)), flush=True)
         returncode = process.wait()
     finally:
         watchdog.cancel()
@@ -329,19 +309,19 @@ def run_demo(args, output: Path, config: str, started: float) -> int:
     steps = args.epochs * (num_train // (args.batch_size * args.nproc))
     commands = {"shards": shard_command}
     for name, optimizer in optimizers.items():
-        command = torchrun("nsoclip.main", train_flags(args, data, config, runs, name, optimizer), args.nproc)
+        command = python_command("nsoclip.main", train_flags(args, data, config, runs, name, optimizer), args.nproc)
         commands[f"train {name}"] = command
         stage_times[f"train {name}"] = run_stage(
             f"training {name} on {args.nproc} CPU ranks: {args.epochs} epoch(s), {steps} steps",
             command, logs / f"train-{name}.log", args.stage_timeout)
+        print("\n".join(epoch_lines(runs / name)), flush=True)
     for name in optimizers:
-        command = torchrun("nsoclip.hessian", hessian_flags(args, data, config, runs / name), args.nproc)
+        command = python_command("nsoclip.hessian", hessian_flags(args, data, config, runs / name), args.nproc)
         commands[f"hessian {name}"] = command
         stage_times[f"hessian {name}"] = run_stage(
             f"Hessian trace, top eigenvalue and noise stability of {name}'s final checkpoint",
             command, logs / f"hessian-{name}.log", args.stage_timeout)
 
-    from .report import write_report
     settings = {
         "data": f"sklearn digits: {num_train} train / {args.test_size} held-out test, "
                 f"{args.image_size}x{args.image_size} px, {num_shards} shards",

@@ -3,8 +3,6 @@ collectives the training loop needs. Rank discovery follows OpenCLIP: torchrun's
 LOCAL_RANK/RANK/WORLD_SIZE first, then SLURM_LOCALID/SLURM_PROCID/SLURM_NTASKS."""
 import datetime
 import os
-import socket
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +11,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .errors import NsoclipError
 
-class LaunchError(RuntimeError):
+
+_timeout_minutes = 30.0  # --dist-timeout of the process group, for naming a timed-out collective
+
+
+class LaunchError(NsoclipError, RuntimeError):
     """The launch environment is inconsistent (missing rendezvous address, bad device)."""
 
 
@@ -43,6 +46,11 @@ def ranks_from_env(environ=os.environ):
     return 0, 0, 1
 
 
+def default_device() -> str:
+    """OpenCLIP's default: this rank's GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(requested: str, local_rank: int, set_device_rank: bool = True) -> torch.device:
     """`cuda` (OpenCLIP's default) means this rank's GPU; asking for a GPU on a machine
     without one is an error rather than a silent CPU run."""
@@ -61,13 +69,13 @@ def resolve_device(requested: str, local_rank: int, set_device_rank: bool = True
     raise LaunchError(f"--device {requested}: expected cpu, cuda or cuda:N")
 
 
-def init_distributed(device: str = "cuda", backend=None, dist_url=None, timeout_minutes: float = 30,
+def init_distributed(device: Optional[str] = None, backend=None, dist_url=None, timeout_minutes: float = 30,
                      set_device_rank: bool = True) -> World:
     if not timeout_minutes > 0:
         raise LaunchError(f"--dist-timeout {timeout_minutes}: must be > 0 minutes")
     local_rank, rank, world_size = ranks_from_env()
     world = World(rank=rank, local_rank=local_rank, world_size=world_size,
-                  device=resolve_device(device, local_rank, set_device_rank))
+                  device=resolve_device(device or default_device(), local_rank, set_device_rank))
     if not world.distributed:
         return world
     using_slurm = "RANK" not in os.environ
@@ -78,6 +86,8 @@ def init_distributed(device: str = "cuda", backend=None, dist_url=None, timeout_
                               "(see scripts/slurm_train.sh) or --dist-url tcp://HOST:PORT")
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     backend = backend or ("nccl" if world.device.type == "cuda" else "gloo")
+    global _timeout_minutes
+    _timeout_minutes = timeout_minutes
     timeout = datetime.timedelta(minutes=timeout_minutes)
     store = None if dist_url else restart_attempt_store(timeout)
     dist.init_process_group(
@@ -105,13 +115,13 @@ def restart_attempt_store(timeout: datetime.timedelta):
     return dist.PrefixStore(f"nsoclip/attempt_{attempt}", store)
 
 
-def describe_collective_failure(error: BaseException, timeout_minutes: float) -> Optional[str]:
+def describe_collective_failure(error: BaseException) -> Optional[str]:
     """One line for a collective that failed because another rank hung past --dist-timeout or
     died, naming the operation and our function that called it; None for any other error.
 
     Gloo raises a bare RuntimeError from deep inside the collective, so the operation is read
     from the traceback: the torch.distributed call, or DDP's gradient all-reduce in backward."""
-    message = str(error)
+    message, timeout_minutes = str(error), _timeout_minutes
     if "Timed out" in message or "timeout" in message:
         what = (f"timed out after {timeout_minutes:g} min (--dist-timeout {timeout_minutes:g}): "
                 "another rank is hung or too slow")
@@ -191,28 +201,3 @@ def broadcast_object(obj, src: int = 0):
 def barrier():
     if is_distributed():
         dist.barrier()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_local_ranks(worker, world_size: int, *args, timeout: float = 180):
-    """worker(rank, world_size, port, *args) in `world_size` spawned processes that meet on
-    127.0.0.1:port (benchmarks and tests of collective behaviour); a failure in any of them
-    raises here, and nothing can hang past `timeout` seconds."""
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(worker, args=(world_size, free_port(), *args), nprocs=world_size,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.__name__} did not finish within {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from .distributed import World
 from .retrieval import retrieval_metrics
-from .zero_shot import ZeroShotSet, run_zero_shot, zero_shot_sets
+from .classification import ZeroShotSet, run_zero_shot, zero_shot_sets
 
 
 def evaluate(model, args, world: World, tokenizer, preprocess_val, val_data=None, epoch: int = 0,

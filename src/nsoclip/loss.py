@@ -9,7 +9,7 @@ from .distributed import World
 
 
 def create_loss(args, world: World) -> torch.nn.Module:
-    if getattr(args, "siglip", False):
+    if args.siglip:
         return open_clip.SigLipLoss(rank=world.rank, world_size=world.world_size)
     return open_clip.ClipLoss(
         local_loss=args.local_loss,

@@ -1,40 +1,43 @@
 """`python -m nsoclip.main`: OpenCLIP's training entry point, with NSO and SAM as optimizers.
 
-Read top to bottom: launch, run folder, model, data, optimizer, resume, then the epoch loop
-(train, evaluate, checkpoint). Runs as a plain process, under torchrun, or under SLURM srun."""
+Read top to bottom: launch, model, data, resume checkpoint (everything checked before the run
+folder is touched), run folder, optimizer, then the epoch loop (train, checkpoint, evaluate).
+Runs as a plain process, under torchrun, or under SLURM srun."""
 import logging
-import random
 import signal
+import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import Checkpointer
+from .classification import zero_shot_sets
+from .cli import run_command
+from .curvature import hessian_metrics
 from .data import get_data
-from .distributed import barrier, broadcast_object, describe_collective_failure, init_distributed, shutdown
+from .distributed import barrier, broadcast_object, init_distributed
+from .evaluate import evaluate, write_results
+from .loader import first_batches
 from .logger import MetricsLogger, setup_logging
-from .loss import create_loss
-from .model import create_model_and_transforms
+from .loss import contrastive_loss_fn, create_loss
+from .model import create_model_and_transforms, prepare_for_training
 from .optim import create_optimizer
+from .parallel import distribute
 from .params import UsageError, parse_args
 from .precision import grad_scaler
+from .rng import seed_everything
 from .scheduler import LRSchedule
-from .train import Run, stop_agreed, train_one_epoch
+from .train import Run, StopOnSignal, stop_agreed, train_one_epoch
 
 # Exit status of a run stopped by SIGTERM after its step checkpoint: 128 + 15, as a shell reports
 # a process ended by SIGTERM. Non-zero because the run is unfinished: torchrun --max-restarts
 # restarts it and SLURM requeues it, and neither mistakes it for a completed job.
 STOPPED_ON_REQUEST = 128 + signal.SIGTERM
-
-
-def random_seed(seed: int, rank: int = 0):
-    torch.manual_seed(seed + rank)
-    np.random.seed(seed + rank)
-    random.seed(seed + rank)
+# What a run writes into its folder besides checkpoints; a folder holding nothing else is the
+# leftover of a start that failed before its first checkpoint, and the same command reuses it.
+RUN_FILES = ("out.log", "params.txt", "results.jsonl", "metrics.jsonl", "tensorboard")
 
 
 def default_name(args) -> str:
@@ -43,23 +46,34 @@ def default_name(args) -> str:
                      f"b_{args.batch_size}", f"j_{args.workers}", f"p_{args.precision}"])
 
 
-def prepare_run_dir(args, world) -> Path:
-    """Rank 0 decides (name, refusal) and every rank follows, so no rank is left waiting."""
-    decision = None
+def agree_on_name(args, world) -> str:
+    """--name, or rank 0's default (it holds the time, which ranks may read differently)."""
+    return broadcast_object(args.name or default_name(args) if world.is_master else None)
+
+
+def claim_run_dir(args, run_dir: Path, world) -> None:
+    """Create the run folder, or refuse one that holds checkpoints without --resume. Only
+    checkpoints make a folder a run to protect: a folder without any is the leftover of a start
+    that failed before its first checkpoint, and the same command reuses it. Rank 0 decides and
+    every rank follows, so no rank is left waiting."""
+    refusal = None
     if world.is_master:
-        name = args.name or default_name(args)
-        run_dir = Path(args.logs) / name
-        if (run_dir / "out.log").exists() and not args.resume:
-            decision = ("error", f"run folder {run_dir} already exists: pass --resume latest to continue it, "
-                                 "or choose another --name")
+        checkpoints = [path for path in (run_dir / "checkpoints").glob("*.pt") if path.is_file()]
+        if checkpoints and not args.resume:
+            refusal = (f"run folder {run_dir} already exists: pass --resume latest to continue it, "
+                       "or choose another --name")
         else:
+            if not checkpoints:
+                for leftover in RUN_FILES:
+                    path = run_dir / leftover
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            decision = ("ok", name)
-    status, value = broadcast_object(decision)
-    if status == "error":
-        raise UsageError(value)
-    args.name = value
-    return Path(args.logs) / value
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        raise UsageError(refusal)
 
 
 def write_params(args, run_dir: Path):
@@ -72,124 +86,91 @@ def due(completed_epochs: int, frequency: int, final: bool) -> bool:
     return final or (frequency > 0 and completed_epochs % frequency == 0)
 
 
-def evaluate_and_record(run, data, tokenizer, preprocess_val, completed_epochs, run_dir, final, tb_writer):
+def evaluate_and_record(run, data, sets, tokenizer, preprocess_val, completed_epochs, run_dir, final):
     """Zero-shot, retrieval and Hessian metrics when due; every rank takes part, with barriers
     around, so that a long evaluation on one rank cannot time out the others' collectives."""
     args = run.args
-    wants_zero_shot = any((args.imagenet_val, args.imagenet_v2, args.imagenet_a, args.imagenet_r, args.zeroshot_data))
-    zero_shot_due = wants_zero_shot and due(completed_epochs, args.zeroshot_frequency, final)
+    zero_shot_due = bool(sets) and due(completed_epochs, args.zeroshot_frequency, final)
     val_due = "val" in data and due(completed_epochs, args.val_frequency, final)
     hessian_due = args.hessian_frequency > 0 and "train" in data and due(completed_epochs, args.hessian_frequency, final)
     if not (zero_shot_due or val_due or hessian_due):
         return
-    from .evaluate import evaluate, write_results
     barrier()
     metrics = {}
     if zero_shot_due or val_due:
-        eval_args = args if zero_shot_due else no_zero_shot(args)
-        metrics.update(evaluate(run.model, eval_args, run.world, tokenizer, preprocess_val,
-                                val_data=data.get("val") if val_due else None, epoch=completed_epochs))
+        metrics.update(evaluate(run.model, args, run.world, tokenizer, preprocess_val,
+                                val_data=data.get("val") if val_due else None, epoch=completed_epochs,
+                                sets=sets if zero_shot_due else []))
     if hessian_due:
-        from .hessian import hessian_metrics
-        from .loss import contrastive_loss_fn
-        batches = first_batches(data["train"], args.hessian_num_batches, run)
+        batches = first_batches(data["train"], args.hessian_num_batches, run.world.device, args.precision)
         metrics.update(hessian_metrics(run.model, contrastive_loss_fn(run.loss), batches, args))
     barrier()
     if metrics:
-        write_results(metrics, run_dir, completed_epochs, run.step, tb_writer)
-
-
-def no_zero_shot(args):
-    copy = type(args)(**vars(args))
-    for flag in ("imagenet_val", "imagenet_v2", "imagenet_a", "imagenet_r", "zeroshot_data"):
-        setattr(copy, flag, None)
-    return copy
-
-
-def first_batches(info, count, run):
-    from .train import to_device
-    info.set_position(0, 0)
-    batches = []
-    for batch in info.dataloader:
-        batches.append(to_device(batch, run.world, "fp32"))
-        if len(batches) == count:
-            break
-    return batches
-
-
-def install_preemption_handler(run):
-    """SIGTERM (SLURM preemption, torchrun shutdown) asks for a step checkpoint and a clean exit."""
-
-    def request_stop(signum, frame):
-        logging.warning("Received signal %d: will checkpoint and stop at the next agreed step", signum)
-        run.stop_requested = True
-
-    signal.signal(signal.SIGTERM, request_stop)
+        write_results(metrics, run_dir, completed_epochs, run.step, run.metrics.writer)
 
 
 def train(args) -> bool:
-    """True when the run finished; False when it stopped on request after a step checkpoint."""
-    world = init_distributed(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                             backend=args.dist_backend, dist_url=args.dist_url,
+    """True when the run finished; False when it stopped on a signal after a step checkpoint."""
+    world = init_distributed(device=args.device, backend=args.dist_backend, dist_url=args.dist_url,
                              timeout_minutes=args.dist_timeout, set_device_rank=not args.no_set_device_rank)
-    run_dir = prepare_run_dir(args, world)
-    setup_logging(run_dir / "out.log", world.is_master, args.debug)
-    if world.is_master:
-        write_params(args, run_dir)
-    logging.info("Run %s on %d process(es), device %s", run_dir, world.world_size, world.device)
+    setup_logging(None, world.is_master, args.debug)
+    args.name = agree_on_name(args, world)
+    run_dir = Path(args.logs) / args.name
     if world.device.type == "cuda":
         # As OpenCLIP: TF32 matmuls and cuDNN autotuning, the speed its users' numbers assume.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
-    random_seed(args.seed, 0)
+    seed_everything(args.seed, 0)
     model, preprocess_train, preprocess_val, tokenizer = create_model_and_transforms(args, world.device)
-    random_seed(args.seed, world.rank)
+    prepare_for_training(model, args)
+    seed_everything(args.seed, world.rank)
     data = get_data(args, (preprocess_train, preprocess_val), tokenizer, world)
-    ddp_model = None
-    if world.distributed:
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[world.device] if world.device.type == "cuda" else None,
-            static_graph=args.ddp_static_graph)
+    sets = zero_shot_sets(args, world)
+    steps_per_epoch = data["train"].num_batches // args.accum_freq if "train" in data else 0
+    if "train" in data and steps_per_epoch == 0:
+        raise UsageError(f"--accum-freq {args.accum_freq} exceeds the {data['train'].num_batches} batches per epoch")
+    checkpoints = Checkpointer(run_dir / "checkpoints", args, world)
+    resume_from = checkpoints.resolve(args.resume)
+    resumed = checkpoints.load(resume_from, model) if resume_from is not None else None
 
+    claim_run_dir(args, run_dir, world)
+    setup_logging(run_dir / "out.log", world.is_master, args.debug)
+    if world.is_master:
+        write_params(args, run_dir)
+    logging.info("Run %s on %d process(es), device %s", run_dir, world.world_size, world.device)
+    checkpoints.remove_partial_writes()
+    ddp_model = distribute(model, world, args.ddp_static_graph)
     optimizer = create_optimizer(args, model, ddp_model)
     metrics = MetricsLogger(run_dir, world.is_master, tensorboard="tensorboard" in args.report_to)
-    checkpoints = Checkpointer(run_dir / "checkpoints", args, world.is_master)
     run = Run(args=args, world=world, model=model, ddp_model=ddp_model, loss=create_loss(args, world),
-              optimizer=optimizer, scaler=grad_scaler(args.precision, world.device), schedule=None,
-              checkpoints=checkpoints, metrics=metrics)
-    install_preemption_handler(run)
-
-    if "train" not in data:
-        evaluate_and_record(run, data, tokenizer, preprocess_val, 0, run_dir, True, metrics.writer)
-        metrics.close()
-        return True
-    steps_per_epoch = data["train"].num_batches // args.accum_freq
-    if steps_per_epoch == 0:
-        raise UsageError(f"--accum-freq {args.accum_freq} exceeds the {data['train'].num_batches} batches per epoch")
-    run.schedule = LRSchedule(optimizer, args, steps_per_epoch)
-
-    start_epoch, start_batch = 0, 0
-    resume_from = checkpoints.resolve(args.resume)
-    if resume_from is not None:
-        start_epoch, start_batch = checkpoints.restore(run, resume_from, steps_per_epoch)
-        logging.info("Resumed from %s: epoch %d, batch %d, step %d", resume_from, start_epoch, start_batch, run.step)
-    elif args.resume == "latest":
-        logging.info("--resume latest: no checkpoint yet in %s, starting fresh", checkpoints.dir)
-
+              optimizer=optimizer, scaler=grad_scaler(args.precision, world.device),
+              schedule=LRSchedule(optimizer, args, steps_per_epoch), checkpoints=checkpoints, metrics=metrics)
     try:
+        if "train" not in data:
+            evaluate_and_record(run, data, sets, tokenizer, preprocess_val, 0, run_dir, True)
+            return True
+        start_epoch, start_batch = 0, 0
+        if resumed is not None:
+            start_epoch, start_batch = checkpoints.restore(run, resume_from, resumed, steps_per_epoch)
+            logging.info("Resumed from %s: epoch %d, batch %d, step %d", resume_from, start_epoch, start_batch, run.step)
+            del resumed
+        elif args.resume == "latest":
+            logging.info("--resume latest: no checkpoint yet in %s, starting fresh", checkpoints.dir)
+
         for epoch in range(start_epoch, args.epochs):
-            finished = train_one_epoch(run, data["train"], epoch, start_batch if epoch == start_epoch else 0)
+            with StopOnSignal(run):
+                finished = train_one_epoch(run, data["train"], epoch, start_batch if epoch == start_epoch else 0)
             if not finished:
                 logging.warning("Stopped at step %d on request; continue with --resume latest", run.step)
                 return False
             completed = epoch + 1
             checkpoints.save_epoch(run, completed)
-            evaluate_and_record(run, data, tokenizer, preprocess_val, completed, run_dir,
-                                completed == args.epochs, metrics.writer)
             if completed < args.epochs and stop_agreed(run):
                 logging.warning("Stopped after epoch %d on request; continue with --resume latest", completed)
                 return False
+            evaluate_and_record(run, data, sets, tokenizer, preprocess_val, completed, run_dir,
+                                completed == args.epochs)
     finally:
         metrics.close()
     if world.is_master:
@@ -199,36 +180,9 @@ def train(args) -> bool:
     return True
 
 
-def one_line(error: BaseException) -> str:
-    """Errors re-raised from dataloader workers carry the worker's traceback: keep its last line."""
-    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    head, sep, tail = last.partition(": ")
-    return tail if sep and "." in head and " " not in head else last
-
-
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        finished = train(args)
-    except (ValueError, RuntimeError) as error:
-        message = one_line(error) if is_user_error(error) else describe_collective_failure(error, args.dist_timeout)
-        if args.debug or message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    return 0 if finished else STOPPED_ON_REQUEST
-
-
-def is_user_error(error: BaseException) -> bool:
-    """Our own error types (bad flags, files, checkpoints, launch, data) print as one line; any
-    other exception is a bug and keeps its traceback."""
-    return type(error).__module__.startswith("nsoclip") or "nsoclip." in str(error)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command(lambda: 0 if train(parse_args(argv)) else STOPPED_ON_REQUEST, argv)
 
 
 if __name__ == "__main__":

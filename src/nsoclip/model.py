@@ -8,9 +8,10 @@ import open_clip
 import torch
 
 from .checkpoint import load_model_weights
+from .errors import NsoclipError
 
 
-class ModelError(ValueError):
+class ModelError(NsoclipError, ValueError):
     """--model / --pretrained do not describe a model we can build."""
 
 
@@ -39,13 +40,14 @@ def is_local_file(pretrained: str) -> bool:
 
 
 def create_model_and_transforms(args, device: torch.device):
-    """(model, preprocess_train, preprocess_val, tokenizer) from the OpenCLIP flags on `args`.
+    """(model, preprocess_train, preprocess_val, tokenizer) from the model flags on `args`
+    (params.add_model_args, which every CLI has).
 
     Weights from a local file go through our own loader, which accepts OpenCLIP's and our
     checkpoints (with or without the `module.` prefix) and names mismatched keys on failure.
     """
     name = resolve_model_name(args.model)
-    pretrained = getattr(args, "pretrained", "") or ""
+    pretrained = args.pretrained or ""
     looks_like_path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
     if pretrained and not is_local_file(pretrained) and looks_like_path:
         raise ModelError(f"--pretrained {pretrained}: file not found")
@@ -54,29 +56,33 @@ def create_model_and_transforms(args, device: torch.device):
         pretrained=None if is_local_file(pretrained) else (pretrained or None),
         precision=args.precision,
         device=device,
-        force_quick_gelu=getattr(args, "force_quick_gelu", False),
-        force_custom_text=getattr(args, "force_custom_text", False),
-        force_patch_dropout=getattr(args, "force_patch_dropout", None),
-        force_image_size=getattr(args, "force_image_size", None),
-        force_context_length=getattr(args, "force_context_length", None),
-        image_mean=getattr(args, "image_mean", None),
-        image_std=getattr(args, "image_std", None),
-        image_interpolation=getattr(args, "image_interpolation", None),
-        image_resize_mode=getattr(args, "image_resize_mode", None),
-        aug_cfg=getattr(args, "aug_cfg", None) or None,
-        cache_dir=getattr(args, "cache_dir", None),
+        force_quick_gelu=args.force_quick_gelu,
+        force_custom_text=args.force_custom_text,
+        force_patch_dropout=args.force_patch_dropout,
+        force_image_size=args.force_image_size,
+        force_context_length=args.force_context_length,
+        image_mean=args.image_mean,
+        image_std=args.image_std,
+        image_interpolation=args.image_interpolation,
+        image_resize_mode=args.image_resize_mode,
+        aug_cfg=args.aug_cfg or None,
+        cache_dir=args.cache_dir,
         output_dict=True,
     )
     if is_local_file(pretrained):
         load_model_weights(model, pretrained, label="--pretrained")
         logging.info("Loaded weights from %s", pretrained)
-    if getattr(args, "lock_image", False):
+    tokenizer = open_clip.get_tokenizer(name, context_length=args.force_context_length)
+    return model, preprocess_train, preprocess_val, tokenizer
+
+
+def prepare_for_training(model: torch.nn.Module, args) -> None:
+    """OpenCLIP's training-only model settings: tower locking and gradient checkpointing."""
+    if args.lock_image:
         model.lock_image_tower(unlocked_groups=args.lock_image_unlocked_groups,
                                freeze_bn_stats=args.lock_image_freeze_bn_stats)
-    if getattr(args, "lock_text", False):
+    if args.lock_text:
         model.lock_text_tower(unlocked_layers=args.lock_text_unlocked_layers,
                               freeze_layer_norm=args.lock_text_freeze_layer_norm)
-    if getattr(args, "grad_checkpointing", False):
+    if args.grad_checkpointing:
         model.set_grad_checkpointing()
-    tokenizer = open_clip.get_tokenizer(name, context_length=getattr(args, "force_context_length", None))
-    return model, preprocess_train, preprocess_val, tokenizer

@@ -13,27 +13,23 @@ and a resumed run continues the same noise stream.
 The optimizer knows nothing about CLIP: `closure()` runs forward + backward at the current
 weights (with `grad_scaler.scale(loss).backward()` under fp16) and returns the loss.
 """
-import hashlib
 import math
-import numbers
-import struct
 from typing import Callable, Optional, Union
 
 import torch
 
-from .optim import apply_update
+from .checks import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT
+from .perturbed import PerturbedOptimizer
+from .rng import capture_rng, derive_seed, restore_rng
 
 DISTRIBUTIONS = ("normal", "laplace", "uniform")
 SIGMA_SCHEDULES = ("constant", "linear", "exp")
 PERTURB_CHOICES = ("all", "weights")
 EXP_RAMP_START = 0.01  # the exp ramp starts two decades below sigma
-
-
-def noise_seed(seed: int, step: int, perturbation: int, index: int) -> int:
-    """Generator seed for one tensor's noise. A hash, so that neighbouring (step, i, index)
-    triples give unrelated streams and skipping a tensor never shifts another's noise."""
-    packed = struct.pack("<4Q", *(value % 2**64 for value in (seed, step, perturbation, index)))
-    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") % 2**63
+SIGMA = NON_NEGATIVE
+NUM_PERTURBS = NON_NEGATIVE_INT
+LAM = FRACTION
+SIGMA_RAMP_STEPS = NON_NEGATIVE_INT
 
 
 def fill_noise_(tensor: torch.Tensor, distribution: str, std: float, generator: torch.Generator) -> torch.Tensor:
@@ -58,105 +54,6 @@ def perturb_weights_only(param: torch.Tensor) -> bool:
     return param.ndim >= 2
 
 
-def capture_rng(cuda_devices):
-    return torch.get_rng_state(), [(device, torch.cuda.get_rng_state(device)) for device in cuda_devices]
-
-
-def restore_rng(state) -> None:
-    cpu_state, cuda_states = state
-    torch.set_rng_state(cpu_state)
-    for device, device_state in cuda_states:
-        torch.cuda.set_rng_state(device_state, device)
-
-
-class PerturbedOptimizer(torch.optim.Optimizer):
-    """A base optimizer's update from a gradient this optimizer assembles from its own passes
-    at perturbed weights. Shares `param_groups` and `state` with the base optimizer, so LR
-    schedulers, `zero_grad` and checkpoints treat it like the base optimizer."""
-
-    runs_closure = True
-
-    def __init__(self, params, base_optimizer, ddp_model, base_kwargs):
-        if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
-            raise ValueError(f"{type(self).__name__}: base_optimizer must be an optimizer class such as "
-                             f"torch.optim.AdamW (its arguments go as keywords), got {base_optimizer!r}")
-        super().__init__(params, dict(base_kwargs))
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        self._share_base_state()
-        self.ddp_model = ddp_model
-        self.last_update = None
-        self._stats = {}
-        self._snapshot = []
-
-    def _share_base_state(self) -> None:
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        self.defaults = self.base_optimizer.defaults
-
-    def add_param_group(self, param_group) -> None:
-        if hasattr(self, "base_optimizer"):
-            self.base_optimizer.add_param_group(param_group)  # the shared list grows for both
-        else:
-            super().add_param_group(param_group)
-
-    def state_dict(self):
-        return self.base_optimizer.state_dict()
-
-    def load_state_dict(self, state_dict) -> None:
-        self.base_optimizer.load_state_dict(state_dict)
-        self._share_base_state()  # torch rebuilds param_groups and state on load
-
-    @property
-    def last_stats(self) -> dict:
-        """Floats for logging, converted only when asked (each conversion syncs a GPU)."""
-        stats = {name: float(value) for name, value in self._stats.items()}
-        if self.last_update is not None:
-            stats["grad_norm"] = float(self.last_update.grad_norm)
-        return stats
-
-    def _trainable(self):
-        """(index, param) for every trainable tensor; the index counts all tensors in the groups,
-        so freezing or excluding one never renumbers the others."""
-        params = (p for group in self.param_groups for p in group["params"])
-        return [(index, p) for index, p in enumerate(params) if p.requires_grad]
-
-    def _run_pass(self, closure, sync: bool) -> torch.Tensor:
-        """One forward + backward; without `sync` it runs entirely (forward included) inside
-        DDP's no_sync, so gradients only accumulate locally."""
-        if self.ddp_model is None or sync:
-            loss = closure()
-        else:
-            with self.ddp_model.no_sync():
-                loss = closure()
-        return loss.detach()
-
-    @torch.no_grad()
-    def _take_snapshot(self, params) -> None:
-        """Copy w into the one extra buffer, reused from step to step."""
-        if [(p.shape, p.dtype, p.device) for p in params] != [(s.shape, s.dtype, s.device) for s in self._snapshot]:
-            self._snapshot = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
-        if params:
-            torch._foreach_copy_(self._snapshot, params)
-
-    @torch.no_grad()
-    def _restore_snapshot(self, params) -> None:
-        if params:
-            torch._foreach_copy_(params, self._snapshot)
-
-    @torch.no_grad()
-    def _scale_grads(self, factor: float) -> None:
-        grads = [p.grad for _, p in self._trainable() if p.grad is not None]
-        if grads and factor != 1.0:
-            torch._foreach_mul_(grads, factor)
-
-    @staticmethod
-    def _cuda_devices(params):
-        return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
-
-    def _apply(self, grad_scaler, max_grad_norm):
-        self.last_update = apply_update(self.base_optimizer, grad_scaler, max_grad_norm)
-
-
 class NSO(PerturbedOptimizer):
     """Noise Stability Optimization around any `torch.optim` optimizer (see the module docstring).
 
@@ -171,12 +68,10 @@ class NSO(PerturbedOptimizer):
                  lam: float = 0.0, distribution: str = "normal", seed: int = 0, ddp_model=None,
                  sigma_schedule: str = "constant", sigma_ramp_steps: int = 0,
                  perturb: Union[str, Callable[[torch.Tensor], bool]] = "all", **base_optimizer_kwargs):
-        if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
-            raise ValueError(f"NSO: sigma {sigma!r} must be a finite number >= 0")
-        if not isinstance(num_perturbs, numbers.Integral) or num_perturbs < 0:
-            raise ValueError(f"NSO: num_perturbs {num_perturbs!r} must be an integer >= 0")
-        if not isinstance(lam, numbers.Real) or not 0.0 <= lam <= 1.0:
-            raise ValueError(f"NSO: lam {lam!r} must be in [0, 1]")
+        SIGMA.check("NSO: sigma", sigma)
+        NUM_PERTURBS.check("NSO: num_perturbs", num_perturbs)
+        LAM.check("NSO: lam", lam)
+        SIGMA_RAMP_STEPS.check("NSO: sigma_ramp_steps", sigma_ramp_steps)
         if num_perturbs == 0 and lam == 0:
             raise ValueError("NSO: num_perturbs 0 with lam 0 gives no gradient at all (raise either)")
         if distribution not in DISTRIBUTIONS:
@@ -184,13 +79,11 @@ class NSO(PerturbedOptimizer):
         if sigma_schedule not in SIGMA_SCHEDULES:
             raise ValueError(f"NSO: unknown sigma_schedule {sigma_schedule!r} "
                              f"(choose from {', '.join(SIGMA_SCHEDULES)})")
-        if not isinstance(sigma_ramp_steps, numbers.Integral) or sigma_ramp_steps < 0:
-            raise ValueError(f"NSO: sigma_ramp_steps {sigma_ramp_steps!r} must be an integer >= 0")
         if sigma_schedule != "constant" and sigma_ramp_steps == 0:
             raise ValueError(f"NSO: sigma_schedule {sigma_schedule!r} needs sigma_ramp_steps > 0")
         if not callable(perturb) and perturb not in PERTURB_CHOICES:
             raise ValueError(f"NSO: perturb {perturb!r} must be 'all', 'weights' or a predicate param -> bool")
-        if not isinstance(seed, numbers.Integral):
+        if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"NSO: seed {seed!r} must be an integer")
         super().__init__(params, base_optimizer, ddp_model, base_optimizer_kwargs)
         self.sigma = float(sigma)
@@ -243,7 +136,7 @@ class NSO(PerturbedOptimizer):
         """w + e_i: noise drawn straight into each parameter, then the snapshot added."""
         for (index, param), weights in zip(indexed_params, self._snapshot):
             generator = self._generator(param.device)
-            generator.manual_seed(noise_seed(self.seed, self.step_count, perturbation, index))
+            generator.manual_seed(derive_seed(self.seed, self.step_count, perturbation, index))
             fill_noise_(param, self.distribution, sigma, generator).add_(weights)
 
     @torch.no_grad()

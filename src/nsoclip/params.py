@@ -1,14 +1,19 @@
 """Command-line flags. OpenCLIP's training flags keep their names, meanings and defaults; ours
 are added beside them. Flag groups are functions so the Hessian and zero-shot CLIs reuse them."""
 import argparse
+import ast
 import re
 import sys
 
+from . import curvature, nso, sam
+from .checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
+from .errors import NsoclipError
+from .optim import OPTIMIZERS
 from .precision import PRECISIONS
 from .spectral import HUTCHINSON_BLOCK
 
 
-class UsageError(ValueError):
+class UsageError(NsoclipError, ValueError):
     """An invalid flag or flag combination; main() prints it as one line and exits 2."""
 
 
@@ -54,7 +59,6 @@ class ParseKwargs(argparse.Action):
     """--aug-cfg scale='(0.9, 1.0)' color_jitter=0.4 -> dict, as OpenCLIP."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        import ast
         kwargs = {}
         for value in values:
             key, _, raw = value.partition("=")
@@ -128,8 +132,8 @@ def add_data_args(parser):
     group.add_argument("--csv-separator", type=str, default="\t", help="Column separator of the csv.")
     group.add_argument("--csv-img-key", type=str, default="filepath", help="Image path column of the csv.")
     group.add_argument("--csv-caption-key", type=str, default="title", help="Caption column of the csv.")
-    group.add_argument("--workers", type=int, default=4, help="Dataloader workers per rank.")
-    group.add_argument("--batch-size", type=int, default=64, help="Batch size per rank.")
+    group.add_argument("--workers", type=NON_NEGATIVE_INT.flag(), default=4, help="Dataloader workers per rank.")
+    group.add_argument("--batch-size", type=POSITIVE_INT.flag(), default=64, help="Batch size per rank.")
 
 
 def add_eval_args(parser):
@@ -146,39 +150,40 @@ def add_eval_args(parser):
 
 def add_hessian_args(parser):
     group = parser.add_argument_group("hessian")
-    group.add_argument("--hessian-num-batches", type=int, default=4, help="Batches per rank in the Hessian loss.")
-    group.add_argument("--hessian-probes", type=int, default=64, help="Hessian-vector products for the trace.")
-    group.add_argument("--hessian-method", choices=["hutchinson", "hutchpp"], default="hutchinson",
+    group.add_argument("--hessian-num-batches", type=POSITIVE_INT.flag(), default=4, help="Batches per rank in the Hessian loss.")
+    group.add_argument("--hessian-probes", type=curvature.NUM_PROBES.flag(), default=64,
+                       help="Hessian-vector products for the trace.")
+    group.add_argument("--hessian-method", choices=curvature.METHODS, default="hutchinson",
                        help="Trace estimator.")
-    group.add_argument("--hessian-hvp", choices=["exact", "finite_difference"], default="exact",
+    group.add_argument("--hessian-hvp", choices=curvature.HVPS, default="exact",
                        help="Hessian-vector products by double backward or central differences.")
-    group.add_argument("--hessian-top-k", type=int, default=1, help="Top eigenvalues to compute (0: none).")
+    group.add_argument("--hessian-top-k", type=NON_NEGATIVE_INT.flag(), default=1, help="Top eigenvalues to compute (0: none).")
     group.add_argument("--hessian-params", type=str, default=None,
                        help="Comma-separated substrings; only parameters whose name contains one are included.")
-    group.add_argument("--hessian-max-iter", type=int, default=100, help="Lanczos iterations for eigenvalues.")
-    group.add_argument("--hessian-block-size", type=int, default=HUTCHINSON_BLOCK,
+    group.add_argument("--hessian-max-iter", type=POSITIVE_INT.flag(), default=100, help="Lanczos iterations for eigenvalues.")
+    group.add_argument("--hessian-block-size", type=curvature.BLOCK_SIZE.flag(), default=HUTCHINSON_BLOCK,
                        help="Hutchinson probes multiplied together, sharing each batch's graph (exact HVPs); "
                             "costs 2 x this many parameter-sized vectors of memory.")
 
 
 def add_training_args(parser):
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=32, help="Training epochs.")
+    group.add_argument("--epochs", type=POSITIVE_INT.flag(), default=32, help="Training epochs.")
     group.add_argument("--epochs-cooldown", type=int, default=None,
                        help="Final epochs spent cooling down (const-cooldown schedule).")
-    group.add_argument("--lr", type=float, default=None, help="Learning rate.")
+    group.add_argument("--lr", type=NON_NEGATIVE.flag(), default=None, help="Learning rate.")
     group.add_argument("--beta1", type=float, default=None, help="Adam beta 1.")
     group.add_argument("--beta2", type=float, default=None, help="Adam beta 2.")
     group.add_argument("--eps", type=float, default=None, help="Adam epsilon.")
-    group.add_argument("--wd", type=float, default=0.2, help="Weight decay.")
-    group.add_argument("--warmup", type=int, default=10000, help="Warmup steps.")
+    group.add_argument("--wd", type=NON_NEGATIVE.flag(), default=0.2, help="Weight decay.")
+    group.add_argument("--warmup", type=NON_NEGATIVE_INT.flag(), default=10000, help="Warmup steps.")
     group.add_argument("--lr-scheduler", choices=["cosine", "const", "const-cooldown"], default="cosine",
                        help="LR schedule after the linear warmup.")
     group.add_argument("--lr-cooldown-end", type=float, default=0.0, help="Final LR of the cooldown.")
     group.add_argument("--lr-cooldown-power", type=float, default=1.0,
                        help="Power of the polynomial cooldown (1: linear).")
-    group.add_argument("--accum-freq", type=int, default=1, help="Optimizer step every --accum-freq batches.")
-    group.add_argument("--grad-clip-norm", type=float, default=None,
+    group.add_argument("--accum-freq", type=POSITIVE_INT.flag(), default=1, help="Optimizer step every --accum-freq batches.")
+    group.add_argument("--grad-clip-norm", type=POSITIVE.flag(), default=None,
                        help="Clip the gradient norm (after unscaling) to this value.")
     group.add_argument("--grad-checkpointing", action="store_true", default=False,
                        help="Recompute activations in backward to save memory.")
@@ -194,27 +199,27 @@ def add_training_args(parser):
                        help="Leave the last N layers of the text tower trainable.")
     group.add_argument("--lock-text-freeze-layer-norm", action="store_true", default=False,
                        help="Freeze LayerNorm of locked text layers.")
-    group.add_argument("--max-nonfinite-steps", type=int, default=10,
+    group.add_argument("--max-nonfinite-steps", type=POSITIVE_INT.flag(), default=10,
                        help="Stop after this many consecutive steps with a NaN/inf loss or gradient.")
 
     optim = parser.add_argument_group("optimizer (NSO / SAM)")
-    optim.add_argument("--opt", choices=["adamw", "nso", "sam"], default="adamw",
+    optim.add_argument("--opt", choices=OPTIMIZERS, default="adamw",
                        help="Optimizer: AdamW, or NSO / SAM around AdamW.")
-    optim.add_argument("--nso-sigma", type=float, default=0.01, help="Std of the Gaussian weight perturbation.")
-    optim.add_argument("--nso-num-perturbs", type=int, default=1, help="Perturbations k per step.")
+    optim.add_argument("--nso-sigma", type=nso.SIGMA.flag(), default=0.01, help="Std of the Gaussian weight perturbation.")
+    optim.add_argument("--nso-num-perturbs", type=nso.NUM_PERTURBS.flag(), default=1, help="Perturbations k per step.")
     optim.add_argument("--nso-two-point", action=argparse.BooleanOptionalAction, default=True,
                        help="Also evaluate w - e (antithetic pairs).")
-    optim.add_argument("--nso-lam", type=float, default=0.0, help="Weight of the clean gradient at w.")
-    optim.add_argument("--nso-distribution", choices=["normal", "laplace", "uniform"], default="normal",
+    optim.add_argument("--nso-lam", type=nso.LAM.flag(), default=0.0, help="Weight of the clean gradient at w.")
+    optim.add_argument("--nso-distribution", choices=nso.DISTRIBUTIONS, default="normal",
                        help="Zero-mean noise distribution, variance sigma^2.")
-    optim.add_argument("--nso-sigma-schedule", choices=["constant", "linear", "exp"], default="constant",
+    optim.add_argument("--nso-sigma-schedule", choices=nso.SIGMA_SCHEDULES, default="constant",
                        help="Sigma over the first --nso-sigma-ramp-steps steps.")
-    optim.add_argument("--nso-sigma-ramp-steps", type=int, default=0, help="Steps of the sigma ramp.")
-    optim.add_argument("--nso-perturb", choices=["all", "weights"], default="all",
+    optim.add_argument("--nso-sigma-ramp-steps", type=nso.SIGMA_RAMP_STEPS.flag(), default=0, help="Steps of the sigma ramp.")
+    optim.add_argument("--nso-perturb", choices=nso.PERTURB_CHOICES, default="all",
                        help="'weights' leaves logit_scale, norms and biases unperturbed.")
-    optim.add_argument("--sam-rho", type=float, default=0.05, help="SAM neighbourhood radius.")
+    optim.add_argument("--sam-rho", type=sam.RHO.flag(), default=0.05, help="SAM neighbourhood radius.")
     optim.add_argument("--sam-adaptive", action="store_true", default=False, help="ASAM.")
-    optim.add_argument("--sam-ascent", choices=["local", "global"], default="local",
+    optim.add_argument("--sam-ascent", choices=sam.ASCENTS, default="local",
                        help="Ascent direction from each rank's gradient (1 all-reduce/step) "
                             "or the all-reduced gradient (2 all-reduces/step).")
 
@@ -222,17 +227,17 @@ def add_training_args(parser):
     logs.add_argument("--logs", type=str, default="./logs/", help="Root folder of run folders.")
     logs.add_argument("--name", type=str, default=None, help="Run folder name (default: date and settings).")
     logs.add_argument("--report-to", default="", type=str, help="'tensorboard' or '' (none).")
-    logs.add_argument("--log-every-n-steps", type=int, default=100,
+    logs.add_argument("--log-every-n-steps", type=POSITIVE_INT.flag(), default=100,
                       help="Log training metrics every N optimizer steps.")
-    logs.add_argument("--save-frequency", type=int, default=1, help="Save epoch_N.pt every N epochs.")
+    logs.add_argument("--save-frequency", type=NON_NEGATIVE_INT.flag(), default=1, help="Save epoch_N.pt every N epochs.")
     logs.add_argument("--save-most-recent", action="store_true", default=False, help="Keep epoch_latest.pt.")
-    logs.add_argument("--save-every-n-steps", type=int, default=0, help="Step checkpoints inside an epoch.")
+    logs.add_argument("--save-every-n-steps", type=NON_NEGATIVE_INT.flag(), default=0, help="Step checkpoints inside an epoch.")
     logs.add_argument("--delete-previous-checkpoint", action="store_true", default=False,
                       help="Keep only the newest epoch_N.pt.")
     logs.add_argument("--resume", default=None, type=str, help="Checkpoint path, or 'latest'.")
-    logs.add_argument("--zeroshot-frequency", type=int, default=2, help="Zero-shot every N epochs.")
-    logs.add_argument("--val-frequency", type=int, default=1, help="Validation every N epochs.")
-    logs.add_argument("--hessian-frequency", type=int, default=0, help="Hessian trace every N epochs (0: off).")
+    logs.add_argument("--zeroshot-frequency", type=NON_NEGATIVE_INT.flag(), default=2, help="Zero-shot every N epochs.")
+    logs.add_argument("--val-frequency", type=NON_NEGATIVE_INT.flag(), default=1, help="Validation every N epochs.")
+    logs.add_argument("--hessian-frequency", type=NON_NEGATIVE_INT.flag(), default=0, help="Hessian trace every N epochs (0: off).")
     logs.add_argument("--debug", action="store_true", default=False,
                       help="Verbose logging; show tracebacks instead of one-line errors.")
 
@@ -257,11 +262,16 @@ def expand_aliases(argv):
     return expanded
 
 
+RANGE_MESSAGE = re.compile(r"^argument ([^/\s:]+)\S*: (.+?: must be .*)$")
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of printing usage and exiting."""
+    """argparse that raises UsageError instead of printing usage and exiting; a value outside its
+    range (checks.Range.flag) reads '--flag VALUE: must be ...'."""
 
     def error(self, message):
-        raise UsageError(message)
+        match = RANGE_MESSAGE.match(message)
+        raise UsageError(f"{match.group(1)} {match.group(2)}" if match else message)
 
 
 def default_adam_params(model_name: str) -> dict:
@@ -305,31 +315,8 @@ def validate(args):
     if args.name is not None and (not NAME_PATTERN.match(args.name) or ".." in args.name):
         raise UsageError(f"--name {args.name!r}: use letters, digits and . _ - + = @ , only "
                          "(no path separators or '..'); the run folder must stay inside --logs")
-    positive = {"--batch-size": args.batch_size, "--epochs": args.epochs, "--accum-freq": args.accum_freq,
-                "--log-every-n-steps": args.log_every_n_steps, "--max-nonfinite-steps": args.max_nonfinite_steps}
-    for flag, value in positive.items():
-        if value < 1:
-            raise UsageError(f"{flag} {value}: must be >= 1")
-    non_negative = {"--workers": args.workers, "--warmup": args.warmup, "--save-frequency": args.save_frequency,
-                    "--save-every-n-steps": args.save_every_n_steps, "--zeroshot-frequency": args.zeroshot_frequency,
-                    "--val-frequency": args.val_frequency, "--hessian-frequency": args.hessian_frequency,
-                    "--nso-num-perturbs": args.nso_num_perturbs, "--nso-sigma-ramp-steps": args.nso_sigma_ramp_steps,
-                    "--wd": args.wd}
-    for flag, value in non_negative.items():
-        if value < 0:
-            raise UsageError(f"{flag} {value}: must be >= 0")
-    if args.lr < 0:
-        raise UsageError(f"--lr {args.lr}: must be >= 0")
-    if args.grad_clip_norm is not None and args.grad_clip_norm <= 0:
-        raise UsageError(f"--grad-clip-norm {args.grad_clip_norm}: must be > 0")
-    if args.nso_sigma < 0:
-        raise UsageError(f"--nso-sigma {args.nso_sigma}: must be >= 0")
-    if not 0.0 <= args.nso_lam <= 1.0:
-        raise UsageError(f"--nso-lam {args.nso_lam}: must be in [0, 1]")
     if args.nso_sigma_schedule != "constant" and args.nso_sigma_ramp_steps == 0:
         raise UsageError(f"--nso-sigma-schedule {args.nso_sigma_schedule} needs --nso-sigma-ramp-steps > 0")
-    if args.sam_rho < 0:
-        raise UsageError(f"--sam-rho {args.sam_rho}: must be >= 0")
     validate_hessian(args)
     if args.lr_scheduler == "const-cooldown" and args.epochs_cooldown is None:
         raise UsageError("--lr-scheduler const-cooldown needs --epochs-cooldown")
@@ -347,14 +334,6 @@ def validate(args):
 
 
 def validate_hessian(args):
-    """The --hessian-* flags, shared by training (--hessian-frequency) and nsoclip-hessian."""
-    if args.hessian_probes < 1:
-        raise UsageError(f"--hessian-probes {args.hessian_probes}: must be >= 1")
-    if args.hessian_num_batches < 1:
-        raise UsageError(f"--hessian-num-batches {args.hessian_num_batches}: must be >= 1")
-    if args.hessian_block_size < 1:
-        raise UsageError(f"--hessian-block-size {args.hessian_block_size}: must be >= 1")
-    if args.hessian_top_k < 0:
-        raise UsageError(f"--hessian-top-k {args.hessian_top_k}: must be >= 0")
+    """The cross-flag rule of the --hessian-* flags, shared by training and nsoclip-hessian."""
     if args.hessian_top_k > args.hessian_max_iter:
         raise UsageError(f"--hessian-max-iter {args.hessian_max_iter}: must be >= --hessian-top-k")

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .errors import NsoclipError
+from .layout import tower_of
+
 SIGNIFICANCE = 2.0  # standard errors a difference must exceed
 ZEROSHOT_SUFFIX = "-zeroshot-val-top1"
 TOWERS = ("visual", "text", "other")
@@ -25,7 +28,7 @@ KEY_SETTINGS = ("model", "opt", "nso_sigma", "nso_num_perturbs", "nso_two_point"
 NOT_SETTINGS = ("name",)
 
 
-class ReportError(ValueError):
+class ReportError(NsoclipError, ValueError):
     """A run folder or one of its files cannot be read; the CLI prints it as one line."""
 
 
@@ -220,8 +223,6 @@ def tower_traces(hessian: dict) -> Dict[str, Estimate]:
     blocks = traces_with_errors(hessian, "per_block")
     if not blocks:
         return {}
-    from .hessian import tower_of
-
     sums: Dict[str, float] = {}
     for block, estimate in blocks.items():
         if estimate.value is not None:

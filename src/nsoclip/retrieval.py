@@ -15,13 +15,14 @@ from tqdm import tqdm
 
 from .distributed import World, all_gather_rows, all_reduce_sum
 from .precision import autocast, input_dtype
+from .errors import NsoclipError
 
 # Rows of the similarity matrix ranked at once: chunk x N floats of memory per rank.
 RANK_CHUNK_ROWS = 1024
 RECALL_AT = (1, 5, 10)
 
 
-class RetrievalError(ValueError):
+class RetrievalError(NsoclipError, ValueError):
     """Validation data that gives nothing to evaluate."""
 
 
@@ -76,8 +77,11 @@ def retrieval_metrics(model, val_data, args, world: World, chunk_size: int = RAN
     image_parts, text_parts = [], []
     loss_sum = 0.0
     with torch.no_grad():
-        for images, texts in tqdm(val_data.dataloader, desc="retrieval", unit="batch",
-                                  disable=not (progress and world.is_master)):
+        for batch in tqdm(val_data.dataloader, desc="retrieval", unit="batch",
+                          disable=not (progress and world.is_master)):
+            if batch is None:  # a whole batch of unreadable images
+                continue
+            images, texts = batch
             images = images.to(world.device, dtype=input_dtype(args.precision), non_blocking=True)
             texts = texts.to(world.device, non_blocking=True)
             with autocast(args.precision, world.device):

@@ -1,6 +1,6 @@
 """Sharpness-Aware Minimization (SAM, and ASAM with `adaptive=True`): the baseline NSO is compared
 with, under the same contract as `nsoclip.nso.NSO` (closure-driven step, shared param_groups,
-unscale / clip / skip through `nsoclip.optim.apply_update`, one snapshot of w, exact restore).
+unscale / clip / skip through `nsoclip.update.apply_update`, one snapshot of w, exact restore).
 
     e = rho * T^2 g / ||T g||   (T = |w| elementwise for ASAM, the identity for SAM; g = grad L(w))
     update from grad L(w + e), applied at w
@@ -13,22 +13,22 @@ unscale / clip / skip through `nsoclip.optim.apply_update`, one snapshot of w, e
 - "global": the all-reduced gradient, so every rank uses the same e and the step equals a
   single-process step on the global batch, at the price of a second all-reduce.
 """
-import math
-import numbers
 from typing import Optional
 
 import torch
 
-from .nso import PerturbedOptimizer, capture_rng, restore_rng
+from .checks import NON_NEGATIVE
+from .perturbed import PerturbedOptimizer
+from .rng import capture_rng, restore_rng
 
 ASCENTS = ("local", "global")
+RHO = NON_NEGATIVE
 
 
 class SAM(PerturbedOptimizer):
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, adaptive: bool = False,
                  ascent: str = "local", ddp_model=None, **base_optimizer_kwargs):
-        if not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho < 0:
-            raise ValueError(f"SAM: rho {rho!r} must be a finite number >= 0")
+        RHO.check("SAM: rho", rho)
         if ascent not in ASCENTS:
             raise ValueError(f"SAM: unknown ascent {ascent!r} (choose from {', '.join(ASCENTS)})")
         super().__init__(params, base_optimizer, ddp_model, base_optimizer_kwargs)

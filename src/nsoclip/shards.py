@@ -19,11 +19,13 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from .errors import NsoclipError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
-class ShardError(ValueError):
+class ShardError(NsoclipError, ValueError):
     """Inputs or output folder that cannot give shards; the CLI prints it as one line."""
 
 

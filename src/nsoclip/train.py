@@ -1,23 +1,35 @@
 """One training epoch, read top to bottom: fetch `accum_freq` batches, build the closure that
-computes the contrastive loss and its gradient, hand it to the optimizer, log, checkpoint.
+computes the contrastive loss and its gradient, hand it to the optimizer, agree on a stop, log,
+checkpoint.
 
 The loop does not know how NSO or SAM form their gradient: it only builds the closure and calls
 `take_step`. The closure runs forward and backward at whatever weights the optimizer has set."""
 import contextlib
 import logging
 import math
+import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .checkpoint import Checkpointer
 from .distributed import World, all_reduce_mean, all_reduce_sum
-from .optim import take_step
-from .precision import autocast, input_dtype
+from .errors import NsoclipError
+from .loader import to_device
+from .logger import MetricsLogger
+from .parallel import unwrap
+from .precision import autocast
+from .scheduler import LRSchedule
+from .update import UpdateResult, take_step
+
+# A GradScaler whose scale fell this low no longer overflows by accident: its skips are real
+# non-finite gradients and count towards --max-nonfinite-steps.
+COLLAPSED_LOSS_SCALE = 1.0
 
 
-class TrainingError(RuntimeError):
+class TrainingError(NsoclipError, RuntimeError):
     """Training cannot go on (too many non-finite steps); the last good checkpoint is kept."""
 
 
@@ -26,33 +38,49 @@ class Run:
     """Everything a training step touches, built once by main()."""
     args: object
     world: World
-    model: torch.nn.Module           # the bare open_clip model (saved, evaluated)
-    ddp_model: Optional[torch.nn.Module]  # its DDP wrapper when distributed
+    model: torch.nn.Module                 # the bare open_clip model (saved, evaluated)
+    ddp_model: Optional[torch.nn.Module]   # its DDP wrapper when distributed
     loss: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
-    schedule: object
-    checkpoints: object
-    metrics: object
+    schedule: LRSchedule
+    checkpoints: Checkpointer
+    metrics: MetricsLogger
     step: int = 0
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
+    overflow_total: int = 0
     stop_requested: bool = False
-    stats: dict = field(default_factory=dict)
 
     @property
     def forward_model(self):
         return self.ddp_model if self.ddp_model is not None else self.model
 
 
-def unwrap(model):
-    return getattr(model, "module", model)
+class StopOnSignal:
+    """SIGTERM (SLURM preemption, torchrun shutdown) and SIGINT while an epoch runs: every rank
+    finishes the step it is in, all agree on the stop at the end of that step (train_one_epoch
+    asks every step), write a step checkpoint and exit. The signal's default action is back at
+    once, so a second signal ends the process immediately; on exit the previous handlers return."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-def to_device(batch, world: World, precision: str):
-    images, texts = batch
-    images = images.to(device=world.device, dtype=input_dtype(precision), non_blocking=True)
-    return images, texts.to(device=world.device, non_blocking=True)
+    def __init__(self, run: Run):
+        self.run = run
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.request_stop) for sig in self.SIGNALS}
+        return self
+
+    def request_stop(self, signum, frame):
+        logging.warning("Received signal %d after step %d: stopping after the step in progress with a step "
+                        "checkpoint (a second signal ends the process at once)", signum, self.run.step)
+        self.run.stop_requested = True
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def make_closure(run: Run, micro_batches):
@@ -98,7 +126,8 @@ def make_closure(run: Run, micro_batches):
     return closure
 
 
-def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0):
+def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0) -> bool:
+    """True when the epoch ended; False when the ranks stopped on a signal after a step checkpoint."""
     args, world = run.args, run.world
     accum = args.accum_freq
     steps_per_epoch = data.num_batches // accum
@@ -110,7 +139,7 @@ def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0):
     tick = time.perf_counter()
 
     for step_in_epoch in range(start_batch // accum, steps_per_epoch):
-        micro_batches = [to_device(next(batches), world, args.precision) for _ in range(accum)]
+        micro_batches = [to_device(next(batches), world.device, args.precision) for _ in range(accum)]
         data_time = time.perf_counter() - tick
         lr = run.schedule(run.step)
 
@@ -118,7 +147,7 @@ def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0):
         with torch.no_grad():
             unwrap(run.model).logit_scale.clamp_(0, math.log(100))
         run.step += 1
-        track_nonfinite(run, update.applied)
+        track_nonfinite(run, loss, update)
 
         window["loss"].append(loss)
         window["data_time"] += data_time
@@ -129,9 +158,9 @@ def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0):
         if run.step % args.log_every_n_steps == 0 or last:
             log_window(run, window, epoch, step_in_epoch + 1, steps_per_epoch, lr, update, global_batch, data)
             window = {"loss": [], "data_time": 0.0, "step_time": 0.0, "steps": 0}
-            if stop_agreed(run) and not last:
-                run.checkpoints.save_step(run, epoch, batches_done)
-                return False
+        if not last and stop_agreed(run):
+            run.checkpoints.save_step(run, epoch, batches_done)
+            return False
         if args.save_every_n_steps and run.step % args.save_every_n_steps == 0 and not last:
             run.checkpoints.save_step(run, epoch, batches_done)
         tick = time.perf_counter()
@@ -139,16 +168,25 @@ def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0):
 
 
 def stop_agreed(run: Run) -> bool:
-    """A stop request (SIGTERM) may reach ranks at different steps: they agree at log steps, which
-    every rank reaches together, so all stop after the same step."""
+    """A stop request (a signal) may reach ranks at different steps: one tiny all-reduce after
+    every step tells all of them, so all stop after the same step."""
+    if not run.world.distributed:
+        return run.stop_requested
     flag = torch.tensor([float(run.stop_requested)], device=run.world.device)
     return all_reduce_sum(flag).item() > 0
 
 
-def track_nonfinite(run: Run, applied: bool):
-    """Gradients are identical on every rank after the all-reduce, so every rank skips alike."""
-    if applied:
+def track_nonfinite(run: Run, loss: torch.Tensor, update: UpdateResult):
+    """Gradients are identical on every rank after the all-reduce, so every rank skips alike.
+    A GradScaler overflow (finite loss, inf gradient, scale still high) is fp16 training working
+    as designed: logged, not counted."""
+    if update.applied:
         run.nonfinite_streak = 0
+        return
+    if update.loss_scale is not None and update.loss_scale > COLLAPSED_LOSS_SCALE and bool(torch.isfinite(loss)):
+        run.overflow_total += 1
+        logging.info("step %d: fp16 gradient overflow at loss scale %g, step skipped and the scale lowered "
+                     "(expected now and then with --precision amp)", run.step, update.loss_scale)
         return
     run.nonfinite_streak += 1
     run.nonfinite_total += 1
@@ -177,6 +215,8 @@ def log_window(run: Run, window, epoch, step_in_epoch, steps_per_epoch, lr, upda
         "samples_per_second_per_gpu": global_batch / step_time / world.world_size,
         "nonfinite_steps": run.nonfinite_total,
     }
+    if run.scaler is not None:
+        metrics["fp16_overflow_steps"] = run.overflow_total
     metrics.update(getattr(run.optimizer, "last_stats", None) or {})
     if data.bad_sample_counts is not None:
         metrics.update({f"bad_samples/{k}": v for k, v in data.bad_sample_counts().items()})

@@ -15,7 +15,6 @@ b % W. Resuming at batch k, worker w plays stream (w + k) % W and skips the batc
 stream that precede k: the round-robin then hands out batches k, k+1, ... in the original order.
 """
 import contextlib
-import hashlib
 import io
 import itertools
 import json
@@ -32,7 +31,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from .data import DataInfo, ignore_sigterm
+from .errors import NsoclipError
+from .loader import DataInfo, Loader
+from .rng import derive_seed
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEY = "txt"
@@ -44,13 +45,8 @@ SHUFFLE_INITIAL = 1000
 log = logging.getLogger(__name__)
 
 
-class WebDatasetError(ValueError):
+class WebDatasetError(NsoclipError, ValueError):
     """Shards, patterns or flags that cannot give a training stream; one line names the culprit."""
-
-
-def derive_seed(*parts) -> int:
-    """A 64-bit seed from any tuple of ints and strings, equal in every process and Python run."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
 @contextlib.contextmanager
@@ -468,8 +464,6 @@ def get_wds_dataset(args, preprocess, tokenizer, *, is_train: bool, epoch: int, 
             num_batches = math.ceil(num_samples / world.world_size / args.batch_size)
         dataset = ShardStream(urls, train=False, **common)
 
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=args.workers, worker_init_fn=ignore_sigterm,
-        persistent_workers=args.workers > 0, pin_memory=world.device.type == "cuda")
+    loader = Loader(dataset, batch_size=None, shuffle=False, workers=args.workers, device=world.device)
     return DataInfo(dataloader=WebLoader(loader, num_batches, num_samples), num_batches=num_batches,
                     num_samples=num_samples, bad_sample_counts=counter.snapshot, **extra)

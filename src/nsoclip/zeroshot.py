@@ -6,13 +6,14 @@ import logging
 import os
 import sys
 
-import torch
-
-from .distributed import LaunchError, init_distributed, shutdown
+from .classification import zero_shot_sets
+from .cli import run_command
+from .data import get_data
+from .distributed import init_distributed
 from .evaluate import evaluate
 from .model import create_model_and_transforms
 from .params import Parser, UsageError, add_data_args, add_distributed_args, add_eval_args, add_model_args
-from .zero_shot import zero_shot_sets
+from .rng import seed_everything
 
 
 def build_parser():
@@ -36,8 +37,6 @@ def parse_args(argv=None):
                                   args.zeroshot_data))):
         raise UsageError("nothing to evaluate: give --imagenet-val, --imagenet-v2, --imagenet-a, "
                          "--imagenet-r, --zeroshot-data or --val-data")
-    if args.batch_size < 1 or args.workers < 0:
-        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
     return args
 
 
@@ -45,11 +44,10 @@ def run(args, world) -> dict:
     sets = zero_shot_sets(args, world)
     if not args.pretrained:
         logging.warning("No --pretrained given: evaluating randomly initialised weights")
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     model, preprocess_train, preprocess_val, tokenizer = create_model_and_transforms(args, world.device)
     val_data = None
     if args.val_data:
-        from .data import get_data
         val_data = get_data(args, (preprocess_train, preprocess_val), tokenizer, world)["val"]
     metrics = evaluate(model, args, world, tokenizer, preprocess_val, val_data, sets=sets, progress=True)
     if world.is_master:
@@ -71,21 +69,18 @@ def write_json(metrics: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    try:
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def body() -> int:
         args = parse_args(argv)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        world = init_distributed(device, args.dist_backend, args.dist_url, args.dist_timeout,
+        world = init_distributed(args.device, args.dist_backend, args.dist_url, args.dist_timeout,
                                  set_device_rank=not args.no_set_device_rank)
         logging.basicConfig(level=logging.INFO if world.is_master else logging.WARNING, force=True,
                             format="%(asctime)s | %(levelname)s | %(message)s", datefmt="%Y-%m-%d,%H:%M:%S")
-        try:
-            run(args, world)
-        finally:
-            shutdown()
-    except (ValueError, LaunchError) as error:
-        print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
-        return 2
-    return 0
+        run(args, world)
+        return 0
+
+    return run_command(body, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import open_clip
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..hessian import Objective
+from ..curvature import Objective
 from ..loss import contrastive_loss_fn
 from ..model import resolve_model_name
 from ..spectral import HUTCHINSON_BLOCK, hutchinson, hutchpp

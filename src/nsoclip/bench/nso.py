@@ -22,10 +22,10 @@ from pathlib import Path
 import open_clip
 import torch
 
-from ..distributed import spawn_local_ranks
+from ..launch import spawn_local_ranks
 from ..model import resolve_model_name
 from ..nso import NSO
-from ..optim import take_step
+from ..update import take_step
 from ..precision import autocast, grad_scaler
 from ..sam import SAM
 

@@ -20,6 +20,15 @@ from pathlib import Path
 import open_clip
 import torch
 
+from ..data import get_data as nsoclip_data
+from ..distributed import World
+from ..loss import create_loss
+from ..optim import create_optimizer, parameter_groups
+from ..params import parse_args as nsoclip_flags
+from ..precision import grad_scaler
+from ..scheduler import LRSchedule
+from ..train import Run, train_one_epoch as nsoclip_epoch
+
 BENCH_MODEL = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 256, "head_width": 64, "patch_size": 16},
@@ -47,25 +56,16 @@ class SilentMetrics:
 
 
 def nsoclip_epoch_runner(args, name, samples):
-    from nsoclip.data import get_data
-    from nsoclip.distributed import World
-    from nsoclip.loss import create_loss
-    from nsoclip.optim import create_optimizer
-    from nsoclip.params import parse_args
-    from nsoclip.precision import grad_scaler
-    from nsoclip.scheduler import LRSchedule
-    from nsoclip.train import Run, train_one_epoch
-
-    flags = parse_args(shared_flags(args, name, samples))
+    flags = nsoclip_flags(shared_flags(args, name, samples))
     world = World(device=torch.device(args.device))
     model, preprocess_train, preprocess_val = build_model(name, world.device, args.precision)
-    data = get_data(flags, (preprocess_train, preprocess_val), open_clip.get_tokenizer(name), world)["train"]
+    data = nsoclip_data(flags, (preprocess_train, preprocess_val), open_clip.get_tokenizer(name), world)["train"]
     optimizer = create_optimizer(flags, model)
     run = Run(args=flags, world=world, model=model, ddp_model=None, loss=create_loss(flags, world),
               optimizer=optimizer, scaler=grad_scaler(args.precision, world.device),
               schedule=LRSchedule(optimizer, flags, data.num_batches), checkpoints=None, metrics=SilentMetrics())
     epochs = iter(range(10 ** 6))
-    return lambda: train_one_epoch(run, data, next(epochs))
+    return lambda: nsoclip_epoch(run, data, next(epochs))
 
 
 def open_clip_epoch_runner(args, name, samples):
@@ -73,8 +73,6 @@ def open_clip_epoch_runner(args, name, samples):
     from open_clip_train.params import parse_args
     from open_clip_train.scheduler import cosine_lr
     from open_clip_train.train import train_one_epoch
-
-    from nsoclip.optim import parameter_groups
 
     flags = parse_args(shared_flags(args, name, samples))
     # What open_clip_train.main.main derives from the flags before it trains.

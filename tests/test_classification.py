@@ -15,13 +15,13 @@ from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from conftest import CONFIGS, run_ranks
-from nsoclip import zero_shot
-from nsoclip.data import DataInfo
+from helpers import CONFIGS, model_args, run_ranks
+from nsoclip import classification
+from nsoclip.loader import DataInfo
 from nsoclip.distributed import World
 from nsoclip.evaluate import evaluate
 from nsoclip.model import create_model_and_transforms
-from nsoclip.zero_shot import ZeroShotError, class_share, run_zero_shot, zero_shot_classifier, zero_shot_sets
+from nsoclip.classification import ZeroShotError, class_share, run_zero_shot, zero_shot_classifier, zero_shot_sets
 
 # Two prompts instead of OpenAI's 80 keep the 1000-class classifier cheap on CPU; that ImageNet
 # sets do use the 80 is asserted separately.
@@ -40,7 +40,7 @@ def eval_args(**flags):
 def tiny_model(seed: int = 0):
     torch.manual_seed(seed)
     model, _, preprocess, tokenizer = create_model_and_transforms(
-        Namespace(model=str(CONFIGS / "tiny-vit.json"), pretrained="", precision="fp32"), torch.device("cpu"))
+        model_args(str(CONFIGS / "tiny-vit.json")), torch.device("cpu"))
     return model.eval(), preprocess, tokenizer
 
 
@@ -208,8 +208,8 @@ def test_class_shares_are_whole_blocks_covering_every_class_once():
         shares = [class_share(num_classes, rank, world_size) for rank in range(world_size)]
         assert sorted(c for share in shares for c in share) == list(range(num_classes))
         for share in shares:
-            blocks = {c // zero_shot.CLASSES_PER_BLOCK for c in share}
-            assert len(share) == sum(min(zero_shot.CLASSES_PER_BLOCK, num_classes - b * zero_shot.CLASSES_PER_BLOCK)
+            blocks = {c // classification.CLASSES_PER_BLOCK for c in share}
+            assert len(share) == sum(min(classification.CLASSES_PER_BLOCK, num_classes - b * classification.CLASSES_PER_BLOCK)
                                      for b in blocks)
 
 
@@ -227,7 +227,7 @@ def distributed_worker(rank, world_size, port, folder, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        zero_shot.OPENAI_IMAGENET_TEMPLATES = SHORT_TEMPLATES
+        classification.OPENAI_IMAGENET_TEMPLATES = SHORT_TEMPLATES
         world = World(rank=rank, world_size=world_size)
         model, preprocess, tokenizer = tiny_model()
         model.load_state_dict(torch.load(Path(out_dir) / "weights.pt"))

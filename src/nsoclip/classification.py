@@ -21,19 +21,21 @@ import torch
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 from timm.data import ImageNetInfo
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from .distributed import World, all_gather_rows, all_reduce_sum, broadcast_object
+from .loader import Loader, collate_readable
 from .precision import autocast, input_dtype
+from .errors import NsoclipError
 
 # open_clip's build_zero_shot_classifier embeds this many classes per text forward; shares of the
 # classifier are whole blocks of it, so every rank runs exactly the forwards one process would.
 CLASSES_PER_BLOCK = 10
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(NsoclipError, ValueError):
     """A zero-shot folder or class/template file that cannot be evaluated as asked."""
 
 
@@ -194,10 +196,10 @@ def zero_shot_sets(args, world: World) -> List[ZeroShotSet]:
 
 
 class ImageFiles(Dataset):
-    """(image, label, path); an unreadable file gives image None so it is skipped and counted."""
+    """(image, label); an unreadable file gives None, so it is skipped (and counted by the caller)."""
 
-    def __init__(self, samples: Sequence[Tuple[str, int]], transform):
-        self.samples, self.transform = samples, transform
+    def __init__(self, samples: Sequence[Tuple[str, int]], transform, flag: str):
+        self.samples, self.transform, self.flag = samples, transform, flag
 
     def __len__(self):
         return len(self.samples)
@@ -206,17 +208,10 @@ class ImageFiles(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
-                return self.transform(image.convert("RGB")), label, path
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return None, label, path
-
-
-def collate_readable(items):
-    readable = [(image, label) for image, label, _ in items if image is not None]
-    unreadable = [path for image, _, path in items if image is None]
-    images = torch.stack([image for image, _ in readable]) if readable else None
-    labels = torch.tensor([label for _, label in readable], dtype=torch.long)
-    return images, labels, unreadable
+                return self.transform(image.convert("RGB")), label
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            logging.warning("%s: skipped unreadable image %s (%s)", self.flag, path, error)
+            return None
 
 
 def class_share(num_classes: int, rank: int, world_size: int) -> List[int]:
@@ -250,17 +245,16 @@ def run_zero_shot(model, zs: ZeroShotSet, tokenizer, preprocess, args, world: Wo
     """Top-1/top-5 accuracy of `model` (in eval mode) on one set; the same dict on every rank."""
     classifier = zero_shot_classifier(model, tokenizer, zs.classnames, zs.prompts, world, args.precision, progress)
     shard = zs.samples[world.rank::world.world_size]
-    loader = DataLoader(ImageFiles(shard, preprocess), batch_size=args.batch_size, num_workers=args.workers,
-                        collate_fn=collate_readable, pin_memory=world.device.type == "cuda")
+    loader = Loader(ImageFiles(shard, preprocess, zs.flag), batch_size=args.batch_size, workers=args.workers,
+                    device=world.device, persistent=False, collate_fn=collate_readable)
     k = min(5, len(zs.classnames))
     top1 = top5 = scored = 0
-    unreadable = []
     with torch.no_grad():
-        for images, labels, skipped in tqdm(loader, desc=f"{zs.prefix} zero-shot", unit="batch",
-                                            disable=not (progress and world.is_master)):
-            unreadable.extend(skipped)
-            if images is None:
+        for batch in tqdm(loader, desc=f"{zs.prefix} zero-shot", unit="batch",
+                          disable=not (progress and world.is_master)):
+            if batch is None:
                 continue
+            images, labels = batch
             images = images.to(world.device, dtype=input_dtype(args.precision), non_blocking=True)
             labels = labels.to(world.device, non_blocking=True)
             with autocast(args.precision, world.device):
@@ -270,10 +264,7 @@ def run_zero_shot(model, zs: ZeroShotSet, tokenizer, preprocess, args, world: Wo
             top1 += int(hits[:, 0].sum())
             top5 += int(hits.any(dim=1).sum())
             scored += len(labels)
-    if unreadable:
-        logging.warning("%s %s: skipped %d unreadable images on rank %d, e.g. %s",
-                        zs.flag, zs.root, len(unreadable), world.rank, unreadable[0])
-    counts = all_reduce_sum(torch.tensor([top1, top5, scored, len(unreadable)], device=world.device))
+    counts = all_reduce_sum(torch.tensor([top1, top5, scored, len(shard) - scored], device=world.device))
     top1, top5, scored, skipped = (int(c) for c in counts.tolist())
     if scored == 0:
         raise ZeroShotError(f"{zs.flag} {zs.root}: none of the {len(zs.samples)} images could be read")

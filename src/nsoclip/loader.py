@@ -1,0 +1,100 @@
+"""What every data source hands the training loop and the evaluators, and the one way nsoclip
+makes dataloaders: workers that survive a preemption signal, iterators that can all be stopped
+from one place on any exit path, batches onto the device, unreadable samples dropped.
+
+`DataInfo` is the contract of every source: every rank gets exactly `num_batches` batches per
+epoch (DDP and FSDP need equal counts), and `set_position(epoch, start_batch)` makes the next
+iteration resume an epoch mid-way exactly where an uninterrupted run would be."""
+import atexit
+import logging
+import signal
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from .precision import input_dtype
+
+_ITERATORS = weakref.WeakSet()
+
+
+@dataclass
+class DataInfo:
+    dataloader: Iterable
+    num_batches: int
+    num_samples: int
+    set_position: Callable[[int, int], None] = field(default=lambda epoch, start_batch: None)
+    bad_sample_counts: Optional[Callable[[], Dict[str, int]]] = None
+
+
+def worker_init(worker_id: int) -> None:
+    """Dataloader workers leave SIGTERM to the main process: SLURM signals every process of the
+    job step, and a worker that died on it would crash the run before its preemption checkpoint
+    is written. Because they ignore it, `stop_workers` (not SIGTERM) is what ends them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class Loader(DataLoader):
+    """torch's DataLoader with our worker set-up, whose iterators are tracked so that
+    `stop_workers` can end their workers however the process leaves."""
+
+    def __init__(self, dataset, *, workers: int, device: torch.device, persistent: bool = True, **kwargs):
+        super().__init__(dataset, num_workers=workers, worker_init_fn=worker_init,
+                         persistent_workers=persistent and workers > 0, pin_memory=device.type == "cuda", **kwargs)
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        _ITERATORS.add(iterator)
+        return iterator
+
+
+def stop_workers() -> None:
+    """End the workers of every live dataloader iterator. Called on every exit path of the CLIs:
+    without it, an error leaves persistent workers waiting for indices, and Python's exit joins
+    them forever (they ignore the SIGTERM multiprocessing would send)."""
+    for iterator in list(_ITERATORS):
+        # torch's own shutdown (private, but the only handle on an iterator's workers): asks each
+        # worker to stop and joins it briefly; a worker still busy after that is killed.
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception as error:  # a broken queue must not keep the others alive
+                logging.debug("dataloader shutdown: %s", error)
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        _ITERATORS.discard(iterator)
+
+
+# Also at interpreter exit, for loaders made outside the CLIs (tests, notebooks): registered
+# after multiprocessing's exit hook, so it runs first, before that hook joins the workers.
+atexit.register(stop_workers)
+
+
+def collate_readable(samples):
+    """Batch the samples a dataset could read; an unreadable one arrives as None (its dataset
+    logged which file it was). None when no sample of the batch was readable."""
+    readable = [sample for sample in samples if sample is not None]
+    return default_collate(readable) if readable else None
+
+
+def to_device(batch, device: torch.device, precision: str):
+    """(images, texts) on the device, images in the precision's input dtype."""
+    images, texts = batch
+    images = images.to(device=device, dtype=input_dtype(precision), non_blocking=True)
+    return images, texts.to(device=device, non_blocking=True)
+
+
+def first_batches(info: DataInfo, count: int, device: torch.device, precision: str) -> List:
+    """The first `count` batches of the epoch-0 order, on the device (for the Hessian evaluator)."""
+    info.set_position(0, 0)
+    batches = []
+    for batch in info.dataloader:
+        batches.append(to_device(batch, device, precision))
+        if len(batches) == count:
+            break
+    return batches

@@ -1,0 +1,155 @@
+"""What several test modules share: the tiny model configs, running the CLIs in this process or
+as jobs, local gloo ranks, reading run folders, and the small models of the optimizer tests.
+Test modules import from here, never from conftest or from each other."""
+import datetime
+import json
+import logging
+import os
+import signal
+import subprocess
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nsoclip.checkpoint import load_checkpoint
+from nsoclip.launch import child_env, free_port, python_command, spawn_local_ranks as run_ranks  # noqa: F401
+from nsoclip.params import Parser, add_model_args
+
+CONFIGS = Path(__file__).parent / "configs"
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(CONFIGS / "tiny-vit.json")
+MICRO = str(CONFIGS / "micro-vit.json")
+cpu_env = child_env
+
+
+def model_args(model: str = TINY, **flags) -> Namespace:
+    """The model flags every CLI has (params.add_model_args), with their defaults."""
+    parser = Parser()
+    add_model_args(parser)
+    args = parser.parse_args(["--model", model])
+    args.precision = "fp32"
+    for key, value in flags.items():
+        setattr(args, key, value)
+    return args
+
+
+def run_cli(args, *, nproc: int = 1, timeout: float = 240, env=None, check: bool = True,
+            module: str = "nsoclip.main") -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` as a job, plainly (nproc == 1) or under torchrun with nproc CPU ranks."""
+    command = python_command(module, args, nproc)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or cpu_env(), cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n"
+                             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}")
+    return result
+
+
+def in_process(main, args) -> int:
+    """A CLI's main() in this process (no interpreter start-up, the same code path), putting back
+    the logging set-up and signal handlers it installs."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return main([str(a) for a in args])
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def weights(run_dir, checkpoint="epoch_1.pt"):
+    return load_checkpoint(Path(run_dir) / "checkpoints" / checkpoint)["state_dict"]
+
+
+def read_jsonl(path) -> list:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def logged_losses(run_dir):
+    return [record["loss"] for record in read_jsonl(Path(run_dir) / "metrics.jsonl")]
+
+
+def assert_same_weights(a, b, atol=1e-5, rtol=1e-4):
+    """The attention key bias is the exception: softmax is invariant to it, so its gradient is
+    zero up to rounding, and AdamW's normalisation turns that rounding into lr-sized steps that
+    depend on summation order. It gets a looser bound; every other tensor the tight one."""
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        if key.endswith("attn.in_proj_bias"):
+            width = x.numel() // 3
+            torch.testing.assert_close(x[width:2 * width], y[width:2 * width], atol=max(atol, 1e-4), rtol=rtol)
+            x, y = torch.cat([x[:width], x[2 * width:]]), torch.cat([y[:width], y[2 * width:]])
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=f"weights differ at {key}")
+
+
+# ---- the small models of the optimizer tests
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params]).clone()
+
+
+def mlp(seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Dropout(dropout),
+                               torch.nn.Linear(16, 3))
+
+
+def mlp_batch(seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(24, 5, generator=generator), torch.randn(24, 3, generator=generator)
+
+
+def mlp_loss(model, batch):
+    inputs, targets = batch
+    return (model(inputs) - targets).pow(2).mean()
+
+
+def recording_closure(model, batch, points=None, grad_scaler=None):
+    """The closure contract: forward + backward at the current weights, return the loss."""
+
+    def closure():
+        if points is not None:
+            points.append(flat(model.parameters()))
+        loss = mlp_loss(model, batch)
+        (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+        return loss
+
+    return closure
+
+
+def gradient_at(model, batch, point: torch.Tensor) -> torch.Tensor:
+    """grad L at a flat weight vector, on a throwaway copy of the model."""
+    clone = mlp()
+    clone.load_state_dict(model.state_dict())
+    torch.nn.utils.vector_to_parameters(point, clone.parameters())
+    mlp_loss(clone, batch).backward()
+    return flat(p.grad for p in clone.parameters())
+
+
+def init_gloo(rank: int, world_size: int, port: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+
+
+def count_all_reduces(ddp_model) -> list:
+    """A comm hook that counts gradient all-reduces: one per synced backward (bucket 0 is
+    reduced exactly once per synced backward, whatever the number of buckets)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    counter = [0]
+
+    def hook(state, bucket):
+        counter[0] += bucket.index() == 0
+        return allreduce_hook(None, bucket)
+
+    ddp_model.register_comm_hook(state=None, hook=hook)
+    return counter

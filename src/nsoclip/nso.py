@@ -7,8 +7,8 @@ Costs only what the formula costs: 2k forward/backward passes for two-point with
 clean pass runs only when lam > 0), one DDP gradient all-reduce per step (every pass but the last
 runs under `no_sync`; gradients accumulate in `.grad`), and one parameter-sized snapshot of w.
 The noise e_i is a pure function of (seed, step, i, parameter index), drawn on the parameter's
-device from an explicitly seeded generator, so every rank perturbs identically without talking
-and a resumed run continues the same noise stream.
+device from explicitly seeded generators (`rng.Streams`), so every rank perturbs identically
+without talking and a resumed run continues the same noise stream.
 
 The optimizer knows nothing about CLIP: `closure()` runs forward + backward at the current
 weights (with `grad_scaler.scale(loss).backward()` under fp16) and returns the loss.
@@ -20,7 +20,7 @@ import torch
 
 from .checks import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT
 from .perturbed import PerturbedOptimizer
-from .rng import capture_rng, derive_seed, restore_rng
+from .rng import Draw, Streams, capture_rng, restore_rng
 
 DISTRIBUTIONS = ("normal", "laplace", "uniform")
 SIGMA_SCHEDULES = ("constant", "linear", "exp")
@@ -32,19 +32,22 @@ LAM = FRACTION
 SIGMA_RAMP_STEPS = NON_NEGATIVE_INT
 
 
-def fill_noise_(tensor: torch.Tensor, distribution: str, std: float, generator: torch.Generator) -> torch.Tensor:
-    """Overwrite `tensor` with zero-mean noise of standard deviation `std`. Normal and uniform are
+def noise_draw(distribution: str, std: float) -> Draw:
+    """Fills a tensor with zero-mean noise of standard deviation `std`. Normal and uniform are
     drawn in place (no temporary); laplace is a difference of two exponentials (one temporary)."""
     if std == 0:
-        return tensor.zero_()
+        return lambda tensor, generator: tensor.zero_()
     if distribution == "normal":
-        return tensor.normal_(0.0, std, generator=generator)
+        return lambda tensor, generator: tensor.normal_(0.0, std, generator=generator)
     if distribution == "uniform":
         half_width = math.sqrt(3.0) * std
-        return tensor.uniform_(-half_width, half_width, generator=generator)
+        return lambda tensor, generator: tensor.uniform_(-half_width, half_width, generator=generator)
     rate = math.sqrt(2.0) / std  # Laplace(b) has variance 2 b^2: b = std / sqrt(2), exponentials of rate 1 / b
-    tensor.exponential_(rate, generator=generator)
-    return tensor.sub_(torch.empty_like(tensor).exponential_(rate, generator=generator))
+
+    def laplace(tensor, generator):
+        tensor.exponential_(rate, generator=generator)
+        tensor.sub_(torch.empty_like(tensor).exponential_(rate, generator=generator))
+    return laplace
 
 
 def perturb_weights_only(param: torch.Tensor) -> bool:
@@ -96,7 +99,7 @@ class NSO(PerturbedOptimizer):
         self.sigma_ramp_steps = int(sigma_ramp_steps)
         self.perturbs = {"all": lambda p: True, "weights": perturb_weights_only}.get(perturb, perturb)
         self.step_count = 0
-        self._generators = {}
+        self._streams = Streams()
 
     def sigma_at(self, step: int) -> float:
         if self.sigma_schedule == "constant":
@@ -126,18 +129,13 @@ class NSO(PerturbedOptimizer):
         if stream is not None:
             self.seed, self.step_count = int(stream["seed"]), int(stream["step"])
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-        return self._generators[device]
-
     @torch.no_grad()
     def _move_to_noisy_point(self, indexed_params, perturbation: int, sigma: float) -> None:
-        """w + e_i: noise drawn straight into each parameter, then the snapshot added."""
+        """w + e_i: noise drawn straight into each parameter, then the snapshot added. The noise of
+        parameter j is the stream (seed, step, i, j), independent of the other tensors."""
+        draw = noise_draw(self.distribution, sigma)
         for (index, param), weights in zip(indexed_params, self._snapshot):
-            generator = self._generator(param.device)
-            generator.manual_seed(derive_seed(self.seed, self.step_count, perturbation, index))
-            fill_noise_(param, self.distribution, sigma, generator).add_(weights)
+            self._streams.fill_(param, (self.seed, self.step_count, perturbation, index), draw).add_(weights)
 
     @torch.no_grad()
     def _reflect_through_snapshot(self, params) -> None:

@@ -1,8 +1,10 @@
 """Randomness that every rank and every restart agrees on: one seed derivation for all streams
-(sample order, augmentations, shard order, NSO noise, Hessian probes), the global seeds of a run,
-and saving / restoring the global generators around passes that must see the same dropout."""
+(sample order, augmentations, shard order, NSO noise, Hessian probes), streams of random tensors
+that do not depend on how a tensor is split over ranks, the global seeds of a run, and saving /
+restoring the global generators around passes that must see the same dropout."""
 import hashlib
 import random
+from typing import Callable, Dict
 
 import numpy as np
 import torch
@@ -14,6 +16,54 @@ def derive_seed(*parts) -> int:
     another."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+# Elements per chunk of a stream. Every chunk has its own generator seed, so a rank holding any
+# slice of a tensor draws only the chunks its slice touches: at most two chunks more than its own
+# elements per tensor. Large enough that a whole tensor costs few generator calls (kernel launches
+# on a GPU), small enough that sharded ranks waste little.
+STREAM_CHUNK = 1 << 20
+
+Draw = Callable[[torch.Tensor, torch.Generator], object]  # fills its tensor in place from the generator
+
+
+class Streams:
+    """Random tensors as pure functions of a key: element k of the stream `key` over a tensor of
+    `numel` elements is the same whichever slice [start, start + n) of it a rank asks for, on any
+    number of ranks, given the same device type. Chunk c of the stream is drawn whole, at its own
+    size, by a generator seeded from (key, c): the values of a chunk never depend on the slice
+    (torch draws some sizes by another path, so a chunk is never drawn partially)."""
+
+    def __init__(self, chunk: int = STREAM_CHUNK):
+        self.chunk = chunk
+        self._generators: Dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+    def fill_(self, out: torch.Tensor, key: tuple, draw: Draw, start: int = 0, numel=None) -> torch.Tensor:
+        """Overwrite `out` (any shape, read as flat) with elements [start, start + out.numel()) of
+        the stream `key` over a tensor of `numel` elements (default: out's own)."""
+        flat = out.view(-1)
+        numel = flat.numel() if numel is None else numel
+        end = start + flat.numel()
+        generator = self.generator(out.device)
+        position = start
+        while position < end:
+            index = position // self.chunk
+            first, last = index * self.chunk, min((index + 1) * self.chunk, numel)
+            stop = min(end, last)
+            generator.manual_seed(derive_seed(*key, index))
+            if position == first and stop == last:
+                draw(flat[first - start:last - start], generator)
+            else:
+                whole = torch.empty(last - first, dtype=out.dtype, device=out.device)
+                draw(whole, generator)
+                flat[position - start:stop - start].copy_(whole[position - first:stop - first])
+            position = stop
+        return out
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

@@ -229,7 +229,7 @@ def hutchinson(products: Products, space: Space, probes: Probes, num_probes: int
 
 def _mix(rows: torch.Tensor, weights: torch.Tensor):
     """rows[:p] = weights @ rows[:q] for a (p, q) float64 matrix with p <= q, in place, in
-    float64 a chunk of columns at a time: the sketch never exists twice, nor in float64."""
+    float64 a chunk of columns at a time: the sketch never exists twice, nor whole in float64."""
     p, q = weights.shape
     weights = weights.to(rows.device)
     step = max(1, CHUNK // q)
@@ -242,11 +242,11 @@ def _orthonormalise(space: Space, rows: torch.Tensor) -> int:
 
     A tall-skinny QR that communicates two small Gram matrices: CholeskyQR2 (Fukaya et al.
     2014), whose first pass takes the Gram matrix's eigen-decomposition instead of its Cholesky
-    factor, so a rank-deficient sketch (more sketch vectors than A has rank, or A S nearly
-    singular) drops its null directions (RANK_RTOL) instead of failing; the second, Cholesky,
-    pass restores orthogonality to working precision. Hutch++ needs only the span, and any
-    orthonormal basis of it keeps the estimate unbiased. Small eigen-problems are solved on the
-    host in float64 so every rank gets the same factors."""
+    factor (as SVQB, Stathopoulos & Wu 2002), so a rank-deficient sketch (more sketch vectors
+    than A has rank, or A S nearly singular) drops its null directions (RANK_RTOL) instead of
+    failing; the second, Cholesky, pass restores orthogonality to working precision. Hutch++
+    needs only the span, and any orthonormal basis of it keeps the estimate unbiased. Small
+    eigen-problems are solved on the host in float64 so every rank gets the same factors."""
     values, vectors = torch.linalg.eigh(space.gram(rows, rows).cpu())
     keep = values > RANK_RTOL * max(values[-1].item(), 0.0)
     rank = int(keep.sum())

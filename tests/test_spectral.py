@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nsoclip.distributed import spawn_local_ranks
+from helpers import run_ranks
 from nsoclip.spectral import (HUTCHINSON_MIN_PROBES, Space, TraceSamples, dense_probes, dense_space,
                               gaussian_density, hutchinson, hutchpp, lanczos, slq)
 
@@ -350,7 +350,7 @@ def sharded_worker(rank, world_size, port, out_dir):
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    spawn_local_ranks(sharded_worker, 2, str(out), timeout=120)
+    run_ranks(sharded_worker, 2, str(out), timeout=120)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = estimates(dense_space(40, SEGMENTS, dtype=F64), times(MATRIX), dense_probes(1, 40, dtype=F64))
     return ranks, single

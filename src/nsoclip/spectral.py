@@ -26,7 +26,10 @@ True) round-trip it); passing the last state back as `state` continues the run, 
 arguments, and gives bit for bit the result of an uninterrupted run. The state's tensors may be
 views of working buffers that later steps overwrite, so write it out (to a temporary file, then
 rename) within the callback. A view saves its whole storage: a Lanczos state writes the full
-(max_iter, local_dim) basis buffer, hence `checkpoint_every`."""
+(max_iter, local_dim) basis buffer, hence `checkpoint_every`. A state that holds a `basis` also
+holds a `basis_id`: while the id stays the same the basis only grows (rows already handed over
+never change), so a caller may append the new rows to what it wrote before instead of writing
+the basis again, and pass the rows back as `basis` to resume."""
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -289,7 +292,8 @@ def hutchpp(products: Products, space: Space, probes: Probes, num_matvecs: int, 
 
     def save():
         _save(checkpoint, {"estimator": "hutchpp", "sketch": sketch, "rank": rank, "exact_rows": exact_rows,
-                           "basis": basis[:filled if rank is None else rank], "exact": exact, "samples": samples})
+                           "basis": basis[:filled if rank is None else rank],
+                           "basis_id": "sketch" if rank is None else "range", "exact": exact, "samples": samples})
 
     while rank is None:
         count = min(block_size, sketch - filled)
@@ -323,9 +327,9 @@ class _Krylov:
     next, so len(betas) == len(alphas)), `basis` (the first len(alphas) + 1 rows; the last is
     the vector to multiply next) and `starts` (probes used as start vectors)."""
 
-    def __init__(self, space: Space, max_iter: int, state: Optional[dict] = None,
+    def __init__(self, space: Space, max_iter: int, basis_id: str, state: Optional[dict] = None,
                  start: Optional[torch.Tensor] = None):
-        self.space = space
+        self.space, self.basis_id = space, basis_id
         self.basis = torch.empty(max_iter, space.local_dim, dtype=space.dtype, device=space.device)
         if state is None:
             self.alphas, self.betas, self.starts = [], [], 1
@@ -339,7 +343,7 @@ class _Krylov:
 
     def state(self) -> dict:
         return {"alphas": list(self.alphas), "betas": list(self.betas), "starts": self.starts,
-                "basis": self.basis[:len(self.alphas) + 1]}
+                "basis": self.basis[:len(self.alphas) + 1], "basis_id": self.basis_id}
 
     def _orthogonalise(self, vector: torch.Tensor, known: torch.Tensor) -> float:
         """Removes the span of `known` from `vector` (twice, as one pass leaves rounding-size
@@ -417,7 +421,7 @@ def lanczos(products: Products, space: Space, probes: Probes, k: int, max_iter: 
         raise ValueError(f"k {k}: more eigenvalues than the dimension {space.dim}")
     max_iter = min(max_iter, space.dim)
     state = _resume(state, "lanczos")
-    krylov = _Krylov(space, max_iter, state, None if state else _draw(probes, space, 0, 1)[0])
+    krylov = _Krylov(space, max_iter, "lanczos", state, None if state else _draw(probes, space, 0, 1)[0])
     while True:
         beta = krylov.step(products)
         values, vectors = krylov.ritz()
@@ -465,7 +469,8 @@ def slq(products: Products, space: Space, probes: Probes, num_probes: int, num_s
                                                             "nodes": [], "lanczos": None}
     nodes, ongoing = [tuple(pair) for pair in state["nodes"]], state["lanczos"]
     while len(nodes) < num_probes:
-        krylov = _Krylov(space, num_steps, ongoing, None if ongoing else _draw(probes, space, len(nodes), 1)[0])
+        krylov = _Krylov(space, num_steps, f"probe{len(nodes)}", ongoing,
+                         None if ongoing else _draw(probes, space, len(nodes), 1)[0])
         while True:
             krylov.step(products)
             size = len(krylov.alphas)

@@ -31,7 +31,7 @@ holds a `basis_id`: while the id stays the same the basis only grows (rows alrea
 never change), so a caller may append the new rows to what it wrote before instead of writing
 the basis again, and pass the rows back as `basis` to resume."""
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -89,6 +89,7 @@ class Space:
     num_segments: int = 0
     dtype: torch.dtype = torch.float32
     device: Union[str, torch.device] = "cpu"
+    _buffers: Optional[List[torch.Tensor]] = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.segments = tuple(tuple(segment) for segment in self.segments)
@@ -107,12 +108,27 @@ class Space:
     def gram(self, rows: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
         """rows @ others^T over the global vectors, (len(rows), len(others)) float64 after one
         reduce. Float64 keeps the sketch's QR and the reorthogonalisation accurate for float32
-        vectors; it is formed a chunk of columns at a time, never as a float64 copy of a basis."""
+        vectors; it is formed a chunk of columns at a time, never as a float64 copy of a basis,
+        in two float64 buffers of at most CHUNK elements kept for the Space's lifetime (fresh
+        ones for every chunk made the conversion 4x slower on CPU: each is new pages to fault in)."""
         local = torch.zeros(len(rows), len(others), dtype=torch.float64, device=self.device)
         step = max(1, CHUNK // max(1, len(rows), len(others)))
+        left_buffer, right_buffer = (self._buffer(index, len(operand) * min(step, self.local_dim))
+                                     for index, operand in enumerate((rows, others)))
         for start in range(0, self.local_dim, step):
-            local.addmm_(rows[:, start:start + step].double(), others[:, start:start + step].double().T)
+            width = min(step, self.local_dim - start)
+            left = left_buffer[:len(rows) * width].view(len(rows), width)
+            right = right_buffer[:len(others) * width].view(len(others), width)
+            local.addmm_(left.copy_(rows[:, start:start + width]), right.copy_(others[:, start:start + width]).T)
         return self.reduce(local)
+
+    def _buffer(self, index: int, size: int) -> torch.Tensor:
+        """Float64 buffer `index` with at least `size` (<= CHUNK) elements, grown when needed."""
+        if self._buffers is None:
+            self._buffers = [torch.empty(0, dtype=torch.float64, device=self.device) for _ in range(2)]
+        if len(self._buffers[index]) < size:
+            self._buffers[index] = torch.empty(size, dtype=torch.float64, device=self.device)
+        return self._buffers[index]
 
     def dot(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return self.gram(x[None], y[None]).item()

@@ -15,9 +15,22 @@
    `bench nso`), whose gradient, like a real CLIP's, dwarfs parameter-sized work.
 2. Relative error of the trace estimate versus the number of HVPs, Hutchinson and Hutch++, on
    the micro CLIP whose exact Hessian (torch.autograd.functional.hessian) gives the true trace.
+3. Per-rank memory of Lanczos with `--memory-max-iter` (100) iterations at 2 gloo ranks, the
+   basis replicated (every rank the full vectors, products all-reduced: the layout before the
+   sharded basis) against sharded (each rank 1/R, products gathered and reduce-scattered), each
+   layout in its own pair of processes: the basis bytes from the tensors, the process's RSS when
+   Lanczos starts and its peak RSS after (ru_maxrss), and the eigenvalue both find.
+4. Time of SLQ per product (`--slq-probes` x `--slq-steps` on `--model` at the first batch size,
+   one batch: a kept graph) against a lone product on the same graph, measured in one process:
+   the difference is the reorthogonalisation against the growing basis.
+5. A paper estimate of the per-rank Lanczos memory of `--paper-model` (ViT-L-14) at
+   `--paper-ranks` (8) and m = `--memory-max-iter`, parameters counted on the meta device.
 """
 import argparse
+import datetime
 import json
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -25,12 +38,15 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..curvature import Objective
+from .. import distributed
+from ..curvature import Objective, spectral_density
+from ..launch import spawn_local_ranks
 from ..loss import contrastive_loss_fn
 from ..model import resolve_model_name
-from ..spectral import HUTCHINSON_BLOCK, hutchinson, hutchpp
+from ..spectral import CHUNK, HUTCHINSON_BLOCK, Space, hutchinson, hutchpp, lanczos
 from .nso import model_spec
 
 CONFIGS = Path(__file__).resolve().parents[3] / "tests" / "configs"
@@ -53,6 +69,13 @@ def parse_args(argv):
                         help="Model small enough for the exact Hessian (trace accuracy).")
     parser.add_argument("--hvp-counts", default="6,12,24,48,96")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--memory-max-iter", type=int, default=100, help="Lanczos iterations m of the memory case.")
+    parser.add_argument("--memory-batch-size", type=int, default=8, help="Global batch of the memory case.")
+    parser.add_argument("--slq-probes", type=int, default=2)
+    parser.add_argument("--slq-steps", type=int, default=30)
+    parser.add_argument("--paper-model", default="ViT-L-14")
+    parser.add_argument("--paper-ranks", type=int, default=8)
+    parser.add_argument("--skip", default="", help="Comma-separated parts to leave out: cost,accuracy,memory,slq.")
     return parser.parse_args(argv)
 
 
@@ -135,22 +158,135 @@ def trace_accuracy(args) -> dict:
             for method, estimator in (("hutchinson", hutchinson), ("hutchpp", hutchpp)):
                 relative = []
                 for seed in range(args.seeds):
-                    samples = estimator(objective.products, objective.dim, count, objective.generator(seed),
-                                        objective.segments, objective.dtype, objective.device)
+                    samples = estimator(objective.products, objective.space, objective.probes(seed, method), count)
                     relative.append(abs(samples.estimate()[0] - truth) / abs(truth))
                 errors[method][count] = statistics.mean(relative)
     return {"model": args.exact_model, "num_params": objective.dim, "exact_trace": truth, "seeds": args.seeds,
             "mean_relative_error": errors}
 
 
+def current_rss() -> int:
+    """Resident bytes of this process now (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def lanczos_memory_worker(rank, world_size, port, model_name, batch_size, max_iter, layout, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=30))
+    torch.manual_seed(0)
+    model = open_clip.create_model(resolve_model_name(model_name), output_dict=True)
+    images, texts = random_batch(model, batch_size, torch.Generator().manual_seed(1))
+    share = batch_size // world_size
+    batch = images[rank * share:(rank + 1) * share], texts[rank * share:(rank + 1) * share]
+    loss_fn = contrastive_loss_fn(open_clip.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                                                     world_size=world_size))
+    sizes = {}
+
+    def record(state):
+        sizes["basis"] = state["basis"].untyped_storage().nbytes()
+
+    with Objective(model, loss_fn, [batch]) as objective:
+        probes = objective.probes(0, "lanczos")
+        if layout == "sharded":
+            products, space = objective.products, objective.space
+        else:
+            space = Space(objective.dim, objective.dim, distributed.all_reduce_sum, dtype=objective.dtype)
+            products = lambda rows: distributed.all_reduce_mean(objective.local_products(rows))  # noqa: E731
+            probes = (lambda draw: lambda start, count: objective.shards.gather(draw(start, count)))(probes)
+        products(probes(0, 1))  # builds the kept graph; every iteration after reuses it
+        start_rss = current_rss()
+        started = time.perf_counter()
+        result = lanczos(products, space, probes, 1, max_iter, 0.0, checkpoint=record)
+        seconds = time.perf_counter() - started
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        parameter_bytes = objective.dim * torch.finfo(objective.dtype).bits // 8
+    record_ = {"rank": rank, "layout": layout, "num_params": objective.dim, "local_dim": space.local_dim,
+               "basis_bytes": sizes["basis"], "parameter_bytes": parameter_bytes, "rss_at_start": start_rss,
+               "peak_rss": peak_rss, "peak_rss_above_start": peak_rss - start_rss, "seconds": seconds,
+               "num_products": result.num_products, "top_eigenvalue": result.eigenvalues[0]}
+    Path(out_dir, f"{layout}-rank{rank}.json").write_text(json.dumps(record_))
+    dist.destroy_process_group()
+
+
+def lanczos_memory(args) -> dict:
+    """Replicated against sharded Lanczos bases at 2 ranks, each layout in fresh processes."""
+    layouts = {}
+    with tempfile.TemporaryDirectory() as out_dir:
+        for layout in ("replicated", "sharded"):
+            spawn_local_ranks(lanczos_memory_worker, 2, args.model, args.memory_batch_size, args.memory_max_iter,
+                              layout, out_dir, timeout=3600)
+            layouts[layout] = [json.loads(Path(out_dir, f"{layout}-rank{r}.json").read_text()) for r in range(2)]
+    mib = 1 << 20
+    summary = {layout: {"basis_mib_per_rank": [r["basis_bytes"] / mib for r in ranks],
+                        "peak_rss_above_start_mib_per_rank": [r["peak_rss_above_start"] / mib for r in ranks],
+                        "peak_rss_mib_per_rank": [r["peak_rss"] / mib for r in ranks],
+                        "seconds": max(r["seconds"] for r in ranks)}
+               for layout, ranks in layouts.items()}
+    return {"model": args.model, "world_size": 2, "max_iter": args.memory_max_iter,
+            "global_batch_size": args.memory_batch_size, "summary": summary, "ranks": layouts}
+
+
+def slq_cost(args) -> dict:
+    """SLQ's time per product against a lone product on the same kept graph, one process."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(resolve_model_name(args.model), output_dict=True)
+    batch_size = int(args.batch_sizes.split(",")[0])
+    batch = random_batch(model, batch_size, torch.Generator().manual_seed(1))
+    loss_fn = contrastive_loss_fn(open_clip.ClipLoss())
+    with Objective(model, loss_fn, [batch]) as objective:
+        vector = objective.probes(0, "cost")(0, 1)
+        objective.products(vector)
+        lone = statistics.median(timed(lambda: objective.products(vector)) for _ in range(10))
+    # spectral_density keeps its own graph: one product builds it, the rest reuse it, as above
+    started = time.perf_counter()
+    density = spectral_density(model, loss_fn, [batch], num_probes=args.slq_probes, num_steps=args.slq_steps)
+    seconds = time.perf_counter() - started
+    per_product = seconds / density["num_hvps"]
+    return {"model": args.model, "batch_size": batch_size, "num_params": density["num_params"],
+            "num_probes": args.slq_probes, "num_steps": args.slq_steps, "num_hvps": density["num_hvps"],
+            "seconds": seconds, "seconds_per_product": per_product, "lone_product_seconds": lone,
+            "slq_per_product_over_lone_product": per_product / lone}
+
+
+def paper_estimate(model_name: str, world_size: int, max_iter: int) -> dict:
+    """Per-rank bytes of Lanczos with m = max_iter on world_size ranks, fp32: the basis, and the
+    working vectors of one product (the gathered direction and the padded product, full length;
+    this rank's reduce-scattered slice and residual; two float64 gram buffers), beside the
+    replicated basis. The model, its gradient graph and activations come on top in both."""
+    with torch.device("meta"):
+        model = open_clip.create_model(model_name, device="meta")
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shard = -(-count // world_size)
+    gib = 1 << 30
+    working = (2 * count + 2 * shard) * 4 + 2 * CHUNK * 8
+    return {"model": model_name, "num_params": count, "world_size": world_size, "max_iter": max_iter,
+            "replicated_basis_gib_per_rank": max_iter * count * 4 / gib,
+            "sharded_basis_gib_per_rank": max_iter * shard * 4 / gib,
+            "sharded_working_vectors_gib_per_rank": working / gib,
+            "sharded_total_gib_per_rank": (max_iter * shard * 4 + working) / gib}
+
+
 def main(argv) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    costs = [hvp_cost(args.model, int(size), args.rounds, args.block_size) for size in args.batch_sizes.split(",")]
-    if args.compute_model:
-        with tempfile.TemporaryDirectory() as directory:
-            costs.append(hvp_cost(model_spec(args.compute_model, directory), args.compute_batch_size,
-                                  args.compute_rounds, args.block_size))
-    result = {"threads": args.threads, "hvp_cost": costs, "trace_accuracy": trace_accuracy(args)}
+    skip = set(filter(None, args.skip.split(",")))
+    result = {"threads": args.threads}
+    if "cost" not in skip:
+        costs = [hvp_cost(args.model, int(size), args.rounds, args.block_size) for size in args.batch_sizes.split(",")]
+        if args.compute_model:
+            with tempfile.TemporaryDirectory() as directory:
+                costs.append(hvp_cost(model_spec(args.compute_model, directory), args.compute_batch_size,
+                                      args.compute_rounds, args.block_size))
+        result["hvp_cost"] = costs
+    if "accuracy" not in skip:
+        result["trace_accuracy"] = trace_accuracy(args)
+    if "memory" not in skip:
+        result["lanczos_memory"] = lanczos_memory(args)
+    if "slq" not in skip:
+        result["slq_cost"] = slq_cost(args)
+    result["paper_estimate"] = paper_estimate(args.paper_model, args.paper_ranks, args.memory_max_iter)
     print(json.dumps(result, indent=2))
     return 0

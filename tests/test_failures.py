@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from helpers import REPO, TINY, cpu_env, in_process, python_command, read_jsonl, run_cli
-from nsoclip import main
+from nsoclip import hessian, main, zeroshot
 from nsoclip.checkpoint import load_checkpoint
 from nsoclip.train import Run, track_nonfinite
 from nsoclip.update import UpdateResult
@@ -301,3 +301,27 @@ def test_gradscaler_overflow_is_not_a_nonfinite_step(caplog):
     assert run.nonfinite_streak == 1
     track_nonfinite(run, torch.tensor(float("nan")), overflow)  # a NaN loss is never an overflow
     assert run.nonfinite_streak == 2 and run.nonfinite_total == 2
+
+
+@pytest.mark.parametrize("module", ["hessian", "zeroshot"])
+def test_evaluation_clis_fail_with_one_line_and_no_leftover_worker(module, inputs, tmp_path, capsys):
+    """The same for the evaluation CLIs: bad data read by 2 dataloader workers."""
+    if module == "hessian":
+        cli = hessian.main
+        flags = ["--model", TINY, "--train-data", str(inputs / "corrupt-{0..3}.tar"), "--train-num-samples", 16,
+                 "--batch-size", 2, "--workers", 2, "--device", "cpu", "--hessian-num-batches", 1,
+                 "--hessian-probes", 1, "--hessian-top-k", 0]
+        message = "found no valid sample"
+    else:
+        cli = zeroshot.main
+        folder = zeroshot_folder(tmp_path)
+        for image in folder.rglob("*.png"):
+            image.write_bytes(b"no longer an image")
+        flags = ["--model", TINY, "--precision", "fp32", "--device", "cpu", "--workers", 2,
+                 "--zeroshot-data", folder, "--zeroshot-classnames", inputs / "classes.txt",
+                 "--zeroshot-templates", inputs / "templates.txt"]
+        message = "none of the 4 images could be read"
+    assert in_process(cli, flags) == 2
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and message in errors[0], errors
+    assert multiprocessing.active_children() == []

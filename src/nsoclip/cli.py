@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .distributed import describe_collective_failure, shutdown
+from .distributed import PEER_DIED, describe_collective_failure, shutdown
 from .errors import NsoclipError
 from .loader import stop_workers
 
@@ -41,13 +41,16 @@ def report(message: str) -> None:
 
     Under torchrun every rank has an error file in a folder of the restart attempt; the first
     local rank to claim a marker for this message there prints it, the others (which failed the
-    same way) stay silent. The error file makes torchrun's summary show this line as the root
-    cause instead of a pointer to its documentation."""
+    same way) stay silent. The error file makes torchrun's summary show this line instead of a
+    pointer to its documentation. torchrun names the failure with the earliest time stamp (whole
+    seconds) its root cause; a rank that failed only because another one died is stamped a
+    second later, so the rank that failed first is named."""
     line = f"error: {message}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
+        stamp = int(time.time()) + (PEER_DIED in message)
         with open(error_file, "w") as handle:
-            json.dump({"message": line, "timestamp": str(int(time.time()))}, handle)
+            json.dump({"message": line, "timestamp": str(stamp)}, handle)
         marker = Path(error_file).parent.parent / f"nsoclip-error-{hashlib.sha1(line.encode()).hexdigest()[:16]}"
         try:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))

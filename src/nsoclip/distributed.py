@@ -14,6 +14,7 @@ import torch.distributed as dist
 from .errors import NsoclipError
 
 
+PEER_DIED = "another rank died (connection closed by peer)"
 _timeout_minutes = 30.0  # --dist-timeout of the process group, for naming a timed-out collective
 
 
@@ -120,13 +121,14 @@ def describe_collective_failure(error: BaseException) -> Optional[str]:
     died, naming the operation and our function that called it; None for any other error.
 
     Gloo raises a bare RuntimeError from deep inside the collective, so the operation is read
-    from the traceback: the torch.distributed call, or DDP's gradient all-reduce in backward."""
+    from the traceback: the torch.distributed call, DDP's gradient all-reduce in backward, or
+    just "a collective" (functional collectives, such as open_clip's gather with gradient)."""
     message, timeout_minutes = str(error), _timeout_minutes
     if "Timed out" in message or "timeout" in message:
         what = (f"timed out after {timeout_minutes:g} min (--dist-timeout {timeout_minutes:g}): "
                 "another rank is hung or too slow")
     elif "closed by peer" in message or "reset by peer" in message:
-        what = "failed: another rank died (connection closed by peer)"
+        what = f"failed: {PEER_DIED}"
     else:
         return None
     frames = [(frame.f_code.co_filename, frame.f_code.co_name) for frame, _ in traceback.walk_tb(error.__traceback__)]
@@ -138,7 +140,7 @@ def describe_collective_failure(error: BaseException) -> Optional[str]:
     elif any(path.endswith(os.path.join("autograd", "graph.py")) for path, _ in frames):
         operation = "DDP gradient all-reduce in backward"
     else:
-        return None
+        operation = "a collective"
     caller = f" (in {ours[-1]})" if ours else ""
     return f"{operation}{caller} {what}"
 

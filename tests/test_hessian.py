@@ -5,6 +5,8 @@ curvature; sharded vectors on 2 gloo ranks against one process, with their memor
 import datetime
 import math
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -14,10 +16,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from helpers import CONFIGS, run_ranks
 from nsoclip.curvature import (HessianError, Objective, curvature_along, hessian_eigenpairs, hessian_metrics,
-                               hessian_trace, noise_stability, spectral_density, top_eigenvalues)
+                               hessian_trace, noise_stability, save_eigenvectors, spectral_density, top_eigenvalues)
+from nsoclip.distributed import World
 from nsoclip.layout import block_of, tower_of
 from nsoclip.loss import contrastive_loss_fn
 from nsoclip.model import resolve_model_name
+from nsoclip.parallel import ShardingOptions, full_tensor, shard
 from nsoclip.spectral import HUTCHINSON_BLOCK, HUTCHINSON_MIN_PROBES, dense_probes, dense_space, hutchinson, hutchpp
 
 MICRO = str(CONFIGS / "micro-vit.json")
@@ -412,9 +416,9 @@ def hessian_worker(rank, world_size, port, state_path, out_dir):
     loss_fn = contrastive_loss_fn(open_clip.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
                                                      world_size=world_size))
     with Objective(model, loss_fn, batches) as objective:
-        shard = (objective.shards.offset, objective.shards.local_dim)
+        held = (objective.shards.offset, objective.shards.local_dim)
     result = {
-        "shard": shard,
+        "shard": held,
         "exact": hessian_trace(model, loss_fn, batches, num_probes=DISTRIBUTED_PROBES, seed=4),
         "fd": hessian_trace(model, loss_fn, batches, num_probes=2, hvp="finite_difference", seed=4),
         "eigenvalues": top_eigenvalues(model, loss_fn, batches, k=2, max_iter=12, tol=0.0, seed=0),
@@ -423,9 +427,47 @@ def hessian_worker(rank, world_size, port, state_path, out_dir):
         "exact_one_batch": hessian_trace(model, loss_fn, batches[:1], num_probes=DISTRIBUTED_PROBES, seed=4),
         "eigenvalues_one_batch": top_eigenvalues(model, loss_fn, batches[:1], k=2, max_iter=12, tol=0.0, seed=0),
         "sharded": sharded_estimates(model, loss_fn, batches),
+        "ddp": finite_difference_estimates(model, loss_fn, batches, os.path.join(out_dir, "ddp-vectors.pt")),
     }
+    # The same model laid out by FSDP2 (--fsdp): finite differences on local shards.
+    fsdp_model = micro_model()
+    fsdp_model.load_state_dict(torch.load(state_path, weights_only=True))
+    shard(fsdp_model, World(rank=rank, local_rank=rank, world_size=world_size), ShardingOptions())
+    result["fsdp"] = finite_difference_estimates(fsdp_model, loss_fn, batches, os.path.join(out_dir, "fsdp-vectors.pt"))
+    try:
+        hessian_trace(fsdp_model, loss_fn, batches, num_probes=1)
+    except HessianError as error:
+        result["fsdp"]["exact_refused"] = str(error)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+FD_TRAINING_ARGS = SimpleNamespace(hessian_probes=2, hessian_method="hutchinson", hessian_hvp="finite_difference",
+                                   hessian_params=None, hessian_top_k=1, hessian_bottom_k=1, hessian_max_iter=8,
+                                   hessian_block_size=2, hessian_target_rel_stderr=None, seed=1)
+
+
+def finite_difference_estimates(model, loss_fn, batches, vectors_path) -> dict:
+    """What finite-difference products give under any layout: trace, top eigenpairs (the
+    vectors written whole to `vectors_path`), noise stability, the training loop's
+    --hessian-frequency metrics (with a training step's gradients in `.grad`, which must come
+    back untouched) and the weights afterwards."""
+    top = hessian_eigenpairs(model, loss_fn, batches, k=2, max_iter=12, tol=0.0, hvp="finite_difference",
+                             vectors=True)
+    save_eigenvectors(vectors_path, model, top=top)
+    grads = {}
+    for name, p in model.named_parameters():
+        p.grad = torch.full_like(p, 0.5)
+        grads[name] = p.grad
+    metrics = hessian_metrics(model, loss_fn, batches, FD_TRAINING_ARGS)
+    grads_kept = all(p.grad is grads[name] and bool((p.grad == 0.5).all()) for name, p in model.named_parameters())
+    for p in model.parameters():
+        p.grad = None
+    return {"trace": hessian_trace(model, loss_fn, batches, num_probes=4, hvp="finite_difference", seed=4, block_size=2),
+            "eigenvalues": top["eigenvalues"], "num_hvps": top["num_hvps"],
+            "noise": noise_stability(model, loss_fn, batches, [1e-3], num_draws=2, seed=0),
+            "metrics": metrics, "grads_kept": grads_kept,
+            "weights": {name: full_tensor(p.detach()).reshape(-1).clone() for name, p in model.named_parameters()}}
 
 
 @pytest.fixture(scope="module")
@@ -433,7 +475,7 @@ def two_ranks(micro, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_ranks")
     torch.save(micro["model"].state_dict(), tmp / "state.pt")
     run_ranks(hessian_worker, 2, str(tmp / "state.pt"), str(tmp))
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [{**torch.load(tmp / f"rank{r}.pt", weights_only=False), "folder": str(tmp)} for r in range(2)]
 
 
 @pytest.mark.slow
@@ -465,6 +507,41 @@ def test_sharded_estimators_equal_one_process_at_a_share_of_the_memory(micro, tw
             assert mine == pytest.approx(theirs, abs=1e-4)
         for key in ("lanczos", "hutchpp", "slq"):
             assert sharded["sizes"][key] * dim == single["sizes"][key] * local_dim, (key, sharded["sizes"])
+
+
+@pytest.mark.slow
+def test_fsdp_finite_differences_equal_ddp(micro, two_ranks, tmp_path_factory):
+    """The same 2 ranks with the model laid out by FSDP2: finite-difference trace, top
+    eigenvalues and eigenvectors and noise stability equal the DDP ones (same probes and noise,
+    streams per parameter element; only float32 summation order differs), w is untouched, and
+    exact products are refused with one line."""
+    for rank in two_ranks:
+        ddp, fsdp = rank["ddp"], rank["fsdp"]
+        assert fsdp["trace"]["trace"] == pytest.approx(ddp["trace"]["trace"], rel=1e-4)
+        assert fsdp["trace"]["per_tower"] == pytest.approx(ddp["trace"]["per_tower"], rel=1e-3,
+                                                           abs=1e-4 * abs(ddp["trace"]["trace"]))
+        assert fsdp["eigenvalues"] == pytest.approx(ddp["eigenvalues"], rel=1e-4)
+        assert fsdp["num_hvps"] == ddp["num_hvps"]
+        assert fsdp["noise"][0]["mean"] == pytest.approx(ddp["noise"][0]["mean"], rel=1e-3, abs=1e-6)
+        assert fsdp["metrics"].keys() == ddp["metrics"].keys()
+        for key, value in ddp["metrics"].items():  # what --hessian-frequency logs under --fsdp
+            scale = abs(ddp["metrics"]["hessian/trace"])
+            assert fsdp["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-4 * scale), key
+        assert fsdp["grads_kept"] and ddp["grads_kept"]
+        for name, value in ddp["weights"].items():
+            assert torch.equal(fsdp["weights"][name], value), name
+        assert "cannot run on an FSDP2 model" in fsdp["exact_refused"] and "\n" not in fsdp["exact_refused"]
+    assert two_ranks[0]["fsdp"]["trace"]["trace"] == two_ranks[1]["fsdp"]["trace"]["trace"]
+    folder = two_ranks[0]["folder"]
+    ddp_vectors, fsdp_vectors = (torch.load(Path(folder) / f"{kind}-vectors.pt", weights_only=True)
+                                 for kind in ("ddp", "fsdp"))
+    assert fsdp_vectors["names"] == ddp_vectors["names"]
+    assert fsdp_vectors["top_eigenvalues"] == pytest.approx(ddp_vectors["top_eigenvalues"], rel=1e-4)
+    torch.testing.assert_close(fsdp_vectors["top"], ddp_vectors["top"], atol=1e-3, rtol=0)
+    # the finite-difference trace of the fsdp run also matches one process within the FD error
+    single = hessian_trace(micro["model"], micro["loss_fn"], micro["batches"], num_probes=4, hvp="finite_difference",
+                           seed=4, block_size=2)
+    assert two_ranks[0]["fsdp"]["trace"]["trace"] == pytest.approx(single["trace"], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -93,6 +93,59 @@ def test_torchrun_two_ranks_equal_one_process(single_run):
     assert not (tmp / "report2.json.partial").exists()
 
 
+def finite_difference_flags(tmp, batch_size: int, output: str, *extra):
+    return common_flags(tmp, batch_size) + ["--hessian-hvp", "finite_difference", "--landscape", "1d",
+                                            "--landscape-points", "3", "--hessian-save-eigenvectors",
+                                            str(tmp / f"{output}.pt"), "--hessian-output", str(tmp / f"{output}.json"),
+                                            *extra]
+
+
+@pytest.fixture(scope="module")
+def finite_difference_run(single_run):
+    """The same evaluation with finite-difference products, in this process."""
+    tmp = single_run["tmp"]
+    assert main(finite_difference_flags(tmp, 4, "fd")) == 0
+    return json.loads((tmp / "fd.json").read_text())
+
+
+def assert_same_evaluation(report, reference, rel=1e-4):
+    """Every number of two finite-difference reports, to float32 rounding."""
+    assert math.isclose(report["trace"], reference["trace"], rel_tol=rel)
+    for key in ("top_eigenvalues", "bottom_eigenvalues"):
+        assert report[key] == pytest.approx(reference[key], rel=rel)
+    assert math.isclose(report["reference"]["curvature"], reference["reference"]["curvature"], rel_tol=rel)
+    assert report["density"]["ritz_values"][0] == pytest.approx(reference["density"]["ritz_values"][0], rel=rel,
+                                                                abs=1e-2)
+    for a, b in zip(report["noise_stability"], reference["noise_stability"]):
+        assert math.isclose(a["mean"], b["mean"], rel_tol=1e-3, abs_tol=1e-6)
+    assert report["landscape"]["loss"] == pytest.approx(reference["landscape"]["loss"], rel=1e-5)
+
+
+def test_fsdp_layout_in_one_process_equals_the_plain_one(single_run, finite_difference_run):
+    """--fsdp on one process (a group of one): the shards are whole, every number is the one of
+    the plain layout, and the eigenvector file has the same vectors."""
+    tmp = single_run["tmp"]
+    assert main(finite_difference_flags(tmp, 4, "fd-fsdp", "--fsdp")) == 0
+    report = json.loads((tmp / "fd-fsdp.json").read_text())
+    assert report["settings"]["fsdp"] and not finite_difference_run["settings"]["fsdp"]
+    assert_same_evaluation(report, finite_difference_run, rel=1e-6)
+    fsdp, plain = (torch.load(tmp / f"{name}.pt", weights_only=True) for name in ("fd-fsdp", "fd"))
+    torch.testing.assert_close(fsdp["top"], plain["top"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_two_ranks_equal_one_process(single_run, finite_difference_run):
+    """torchrun, 2 ranks, --fsdp: finite-difference products on local shards give the numbers of
+    one process on the same global batches."""
+    tmp = single_run["tmp"]
+    run_cli(finite_difference_flags(tmp, 2, "fd-fsdp2", "--fsdp"), nproc=2, module="nsoclip.hessian")
+    report = json.loads((tmp / "fd-fsdp2.json").read_text())
+    assert report["settings"]["world_size"] == 2 and report["settings"]["fsdp"]
+    assert_same_evaluation(report, finite_difference_run, rel=1e-3)
+    vectors, plain = (torch.load(tmp / f"{name}.pt", weights_only=True) for name in ("fd-fsdp2", "fd"))
+    torch.testing.assert_close(vectors["top"], plain["top"], atol=1e-3, rtol=0)
+
+
 def test_bad_input_exits_2_with_one_line(single_run, tmp_path, capsys):
     torch.manual_seed(0)
     micro = open_clip.create_model(resolve_model_name(str(CONFIGS / "micro-vit.json")), output_dict=True)
@@ -104,6 +157,7 @@ def test_bad_input_exits_2_with_one_line(single_run, tmp_path, capsys):
         (base + ["--batch-size", "32"], "global batch"),  # 16 samples: zero batches
         (base + ["--hessian-num-batches", "9"], "has only 4 batches"),
         (base + ["--noise-stability-sigmas", "0.01,-1"], "every sigma must be > 0"),
+        (base + ["--fsdp"], "--fsdp needs --hessian-hvp finite_difference"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

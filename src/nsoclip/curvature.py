@@ -22,12 +22,15 @@ Every estimator takes `state` and `checkpoint` (see `spectral`): `checkpoint(sta
 after each block of products and passing the last state back continues the run bit for bit
 (`nsoclip.resumable` keeps them on disk for the CLI).
 """
+import contextlib
 import itertools
 import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import distributed
@@ -35,7 +38,7 @@ from .checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from .checkpoint import save_checkpoint
 from .errors import NsoclipError
 from .layout import block_of, tower_of
-from .parallel import unwrap
+from .parallel import as_layout, full_tensor, local_tensor, unwrap
 from .rng import Streams
 from .spectral import (DENSITY_GRID, HUTCHINSON_BLOCK, Probes, Space, TraceSamples, gaussian_density, hutchinson,
                        hutchpp, lanczos, slq)
@@ -99,13 +102,17 @@ def world_position():
 
 
 class FlatShards:
-    """Rank r's share of the flat vector of all selected parameters: the contiguous slice
-    [r S, min((r + 1) S, P)) with S = ceil(P / R), so the ranks' slices tile it in rank order
-    (the last may be shorter, or empty when P < R). `pieces` lists the parameters it touches as
-    (parameter index, first element, end element, local offset)."""
+    """One process or DDP (every rank holds the whole model). The estimators' vectors: rank r's
+    contiguous slice [r S, min((r + 1) S, P)) of the flat vector of all selected parameters,
+    S = ceil(P / R), so the ranks' slices tile it in rank order (the last may be shorter, or
+    empty when P < R). The model's side: whole parameters, so a product gathers its vectors,
+    computes this rank's H v and reduce-scatters the mean. `pieces` lists the parameters the
+    slice touches as (parameter index, first element, end element, local offset)."""
 
-    def __init__(self, sizes: Sequence[int], rank: int, world_size: int):
-        self.sizes, self.rank, self.world_size = list(sizes), rank, world_size
+    def __init__(self, params: Sequence[torch.Tensor], rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.sizes = [p.numel() for p in params]  # of the model-side vectors: whole parameters
+        self.shapes = [p.shape for p in params]
         self.dim = sum(self.sizes)
         self.shard = -(-self.dim // world_size)
         self.offset = min(rank * self.shard, self.dim)
@@ -115,6 +122,8 @@ class FlatShards:
             low, high = max(end - size, self.offset), min(end, self.offset + self.local_dim)
             if low < high:
                 self.pieces.append((index, low - (end - size), high - (end - size), low - self.offset))
+        self.model_pieces = [(index, 0, size, end - size) for index, (end, size)
+                             in enumerate(zip(itertools.accumulate(self.sizes), self.sizes))]
 
     def local(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's slices (a view) of full vectors given as rows."""
@@ -136,6 +145,8 @@ class FlatShards:
             distributed.all_gather_into(target, piece)
         return full[:, :self.dim]
 
+    to_model = gather  # the model holds whole parameters: its vectors are the full ones
+
     def scatter_mean(self, padded: torch.Tensor) -> torch.Tensor:
         """This rank's slices (m, local_dim) of the mean over ranks of full vectors given in a
         `padded` (m, R S) buffer (its padding zero): one reduce-scatter per row."""
@@ -145,6 +156,149 @@ class FlatShards:
         for target, row in zip(out, padded):
             distributed.reduce_scatter_sum(target, row)
         return out[:, :self.local_dim].div_(self.world_size)
+
+    def products(self, rows: torch.Tensor, local_products) -> torch.Tensor:
+        """Gather, this rank's H v of the full vectors, reduce-scatter the mean."""
+        full = self.gather(rows)
+        if self.world_size == 1:
+            return local_products(full, None)
+        padded = self.padded(len(rows), rows)
+        local_products(full, padded[:, :self.dim])
+        return self.scatter_mean(padded)
+
+    def norm(self, vector: torch.Tensor) -> float:
+        return vector.norm().item()  # model-side vectors are whole on every rank
+
+    def weights(self, params) -> List[torch.Tensor]:
+        return [p.data for p in params]
+
+    def at(self, params, point, evaluate):
+        """Swaps the parameters' tensors for `point` (`.data`): w is never written, so it comes
+        back bit for bit without a snapshot, also on error."""
+        weights = [p.data for p in params]
+        try:
+            for p, value in zip(params, point):
+                p.data = value
+            return evaluate()
+        finally:
+            for p, weight in zip(params, weights):
+                p.data = weight
+
+    gradient_passes = staticmethod(contextlib.nullcontext)  # autograd.grad leaves `.grad` alone
+
+    def gradients(self, loss: torch.Tensor, params, seed: torch.Tensor) -> List[torch.Tensor]:
+        """This rank's gradient of seed x loss (not averaged over ranks)."""
+        return list(torch.autograd.grad(loss, params, grad_outputs=seed.to(loss.dtype), allow_unused=True,
+                                        materialize_grads=True))
+
+    averaged = False  # gradients() is this rank's own: products average them over ranks
+
+
+class ParameterShards:
+    """FSDP2 (`fully_shard`): every rank holds rows of each parameter (Shard(0) on a 1-D mesh of
+    all ranks), and the estimators' vectors are split the same way, so each rank's slice of a
+    vector is the elements of its local rows, parameter after parameter, and probes, noise and
+    directions drawn for them equal those of any other layout element for element. Forming
+    w +- t v and the products touches only the local shards: the forward all-gathers the
+    perturbed shards, the backward's reduce-scatter averages the gradients over ranks, so
+    finite-difference products need no collective of their own. w is kept in a snapshot of the
+    local shards (P / R) and copied back after every evaluation at another point."""
+
+    def __init__(self, params: Sequence[torch.Tensor], layout):
+        for p in params:
+            if not isinstance(p, DTensor) or any(not (isinstance(placement, Shard) and placement.dim == 0)
+                                                 for placement in p.placements):
+                raise HessianError("FSDP2: the Hessian needs every parameter sharded by rows over all ranks "
+                                   "(fully_shard on a 1-D mesh, as --fsdp lays it out)")
+        self.layout, self.params, self.world_size = layout, list(params), dist.get_world_size()
+        views = layout.local_views(self.params)
+        self.sizes = [view.tensor.numel() for view in views]
+        self.shapes = [view.tensor.shape for view in views]
+        self.dim = sum(view.numel for view in views)
+        self.local_dim = sum(self.sizes)
+        ends = list(itertools.accumulate(self.sizes))
+        self.pieces = [(index, view.start, view.start + size, end - size)
+                       for index, (view, size, end) in enumerate(zip(views, self.sizes, ends)) if size]
+        self.model_pieces = self.pieces
+        self._snapshot = None
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        starts = list(itertools.accumulate([p.numel() for p in self.params], initial=0))
+        return torch.cat([full[..., starts[index] + first:starts[index] + end]
+                          for index, first, end, _ in self.pieces], dim=-1)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Full vectors (m, P): each parameter's rows gathered as a DTensor would (collectives)."""
+        full = []
+        for row in rows:
+            pieces = row.split(self.sizes)
+            full.append(torch.cat([full_tensor(DTensor.from_local(piece.reshape(shape), p.device_mesh, p.placements,
+                                                                  run_check=False, shape=p.shape,
+                                                                  stride=p.stride())).reshape(-1)
+                                   for piece, shape, p in zip(pieces, self.shapes, self.params)]))
+        return torch.stack(full) if full else rows.new_zeros(0, self.dim)
+
+    def to_model(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows  # the model holds the same local rows
+
+    def products(self, rows: torch.Tensor, local_products) -> torch.Tensor:
+        return local_products(rows, None)  # FSDP's reduce-scatter already averaged the gradients
+
+    def norm(self, vector: torch.Tensor) -> float:
+        return self.layout.total_norm([vector.norm()]).item()
+
+    def weights(self, params) -> List[torch.Tensor]:
+        """The snapshot of w's local shards, taken on first use."""
+        if self._snapshot is None:
+            self._snapshot = [view.tensor.clone() for view in self.layout.local_views(params)]
+        return self._snapshot
+
+    def at(self, params, point, evaluate):
+        """Writes `point` into the local shards (after a reshard, so the next forward gathers
+        it), evaluates, and copies w back from the snapshot, also on error."""
+        weights = self.weights(params)
+        try:
+            torch._foreach_copy_([view.tensor for view in self.layout.local_views(params)], list(point))
+            return evaluate()
+        finally:
+            torch._foreach_copy_([view.tensor for view in self.layout.local_views(params)], weights)
+
+    @contextlib.contextmanager
+    def gradient_passes(self):
+        """`.grad` is where FSDP2 puts the gradients: the model's own (a training loop's) are
+        set aside during the passes and put back after them."""
+        model_params = list(self.layout.model.parameters())
+        kept = [p.grad for p in model_params]
+        for p in model_params:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, grad in zip(model_params, kept):
+                p.grad = grad
+
+    def gradients(self, loss: torch.Tensor, params, seed: torch.Tensor) -> List[torch.Tensor]:
+        """The gradient of seed x loss averaged over ranks (FSDP's reduce-scatter in backward),
+        as local rows, inside `gradient_passes`. `.grad` is cleared right after, before the next
+        forward: cleared between a forward and its backward, FSDP2's root unit (gathered from
+        one to the other) would add the previous pass's gradient."""
+        loss.backward(seed.to(loss.dtype))
+        grads = [local_tensor(p.grad).clone() if p.grad is not None
+                 else torch.zeros(shape, dtype=p.dtype, device=local_tensor(p).device)
+                 for p, shape in zip(params, self.shapes)]
+        for p in self.layout.model.parameters():
+            p.grad = None
+        return grads
+
+    averaged = True
+
+
+def vector_layout(model: torch.nn.Module, params: Sequence[torch.Tensor]):
+    """How the estimators' vectors over `params` are split: like the parameters of an FSDP2
+    model, else in contiguous slices of the flat vector."""
+    if isinstance(model, FSDPModule):
+        return ParameterShards(params, as_layout(model))
+    return FlatShards(params, *world_position())
 
 
 def _coin(tensor: torch.Tensor, generator: torch.Generator):
@@ -158,15 +312,19 @@ def _unit_normal(tensor: torch.Tensor, generator: torch.Generator):
 class Objective:
     """L(w) over this rank's batches and all ranks, as a function of the selected parameters
     seen as one flat vector: loss, gradient and Hessian-vector products, and the sharded
-    vector space (`space`, `shards`, `probes`) the estimators work in.
+    vector space (`space`, `shards`, `probes`) the estimators work in. `shards` is FlatShards
+    (one process, DDP) or ParameterShards (an FSDP2 model); the model-side vectors (directions
+    to move w along, products' inputs and outputs) are whole parameters with the first and this
+    rank's local rows with the second: `split`, `segments` and `normal_direction` follow them.
 
     Use as a context manager: dropout is off (eval mode) while it is open, the model's mode
-    is restored and any kept graph is freed on exit. `progress(n)`, when given, is called with
-    the number of products (or loss evaluations) just done."""
+    is restored and any kept graph is freed on exit. `hvp` is how products are formed (None:
+    an evaluation that forms none, such as noise stability). `progress(n)`, when given, is
+    called with the number of products (or loss evaluations) just done."""
 
-    def __init__(self, model, loss_fn, batches, params=None, hvp: str = "exact",
+    def __init__(self, model, loss_fn, batches, params=None, hvp: Optional[str] = "exact",
                  progress: Optional[Callable[[int], None]] = None):
-        if hvp not in HVPS:
+        if hvp is not None and hvp not in HVPS:
             raise HessianError(f"hvp {hvp!r}: expected one of {', '.join(HVPS)}")
         self.model = unwrap(model)
         self.loss_fn = loss_fn
@@ -177,13 +335,17 @@ class Objective:
         self.names = list(self.named)
         self.params = list(self.named.values())
         self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
-        self.device = self.params[0].device
+        self.device = local_tensor(self.params[0]).device
         check_batch_counts(len(self.batches), self.device)
-        self.sizes = [p.numel() for p in self.params]
+        if hvp == "exact" and isinstance(self.model, FSDPModule):
+            raise HessianError("hvp 'exact' (--hessian-hvp exact) cannot run on an FSDP2 model (--fsdp): double "
+                               "backward needs the gradient as a function of the parameters, and FSDP2 forms it "
+                               "outside autograd (reduce-scatter in its backward hooks); use finite_difference")
+        self.shards = vector_layout(self.model, self.params)
+        self.dim = self.shards.dim
+        self.sizes, self.shapes = self.shards.sizes, self.shards.shapes
         ends = list(itertools.accumulate(self.sizes))
         self.segments = [(end - size, end) for size, end in zip(self.sizes, ends)]
-        self.dim = ends[-1]
-        self.shards = FlatShards(self.sizes, *world_position())
         self.space = Space(self.shards.local_dim, self.dim, distributed.all_reduce_sum,
                            [(index, offset, offset + end - start) for index, start, end, offset in self.shards.pieces],
                            len(self.params), self.dtype, self.device)
@@ -201,10 +363,11 @@ class Objective:
         self._kept_graph = self._points = None
 
     def split(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """A model-side flat vector as one tensor per parameter (in the parameters' dtype)."""
         pieces = flat.split(self.sizes)
         if all(p.dtype == flat.dtype for p in self.params):
-            return [piece.view(p.shape) for piece, p in zip(pieces, self.params)]
-        return [piece.view(p.shape).to(p.dtype) for piece, p in zip(pieces, self.params)]
+            return [piece.view(shape) for piece, shape in zip(pieces, self.shapes)]
+        return [piece.view(shape).to(p.dtype) for piece, shape, p in zip(pieces, self.shapes, self.params)]
 
     def flatten(self, tensors) -> torch.Tensor:
         return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
@@ -219,17 +382,22 @@ class Objective:
             for index, row in enumerate(block, start=start):
                 for param, first, end, offset in self.shards.pieces:
                     self.streams.fill_(row[offset:offset + end - first], (seed, purpose, index, param), _coin,
-                                       start=first, numel=self.sizes[param])
+                                       start=first, numel=self.params[param].numel())
             return block.mul_(2).sub_(1)
 
         return draw
 
     def normal_direction(self, key: tuple, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """A full flat N(0, I) vector: parameter j is the stream (*key, j), as for probes."""
-        out = torch.empty(self.dim, dtype=self.dtype, device=self.device) if out is None else out
-        for param, (start, end) in enumerate(self.segments):
-            self.streams.fill_(out[start:end], (*key, param), _unit_normal)
+        """A model-side flat N(0, I) vector: parameter j is the stream (*key, j), as for probes."""
+        out = torch.empty(sum(self.sizes), dtype=self.dtype, device=self.device) if out is None else out
+        for param, first, end, offset in self.shards.model_pieces:
+            self.streams.fill_(out[offset:offset + end - first], (*key, param), _unit_normal, start=first,
+                               numel=self.params[param].numel())
         return out
+
+    def weights(self) -> List[torch.Tensor]:
+        """w as model-side tensors (read only)."""
+        return self.shards.weights(self.params)
 
     def _tick(self, count: int):
         if self.progress is not None:
@@ -242,25 +410,27 @@ class Objective:
         return distributed.all_reduce_mean(total.reshape(1) / len(self.batches)).item()
 
     def local_gradients(self, scale: float = 1.0) -> List[torch.Tensor]:
-        """This rank's gradient of scale x (mean loss over its batches), one tensor per parameter.
-        The scale enters as the seed of the backward pass, so it costs no pass of its own."""
+        """The gradient of scale x (mean loss over this rank's batches), one model-side tensor
+        per parameter: this rank's own (FlatShards) or already averaged over ranks
+        (ParameterShards). The scale enters as the seed of the backward pass, so it costs no
+        pass of its own."""
         seed = torch.tensor(scale / len(self.batches), device=self.device)
         total = None
-        for batch in self.batches:
-            loss = self.loss_fn(self.model, batch)
-            grads = list(torch.autograd.grad(loss, self.params, grad_outputs=seed.to(loss.dtype), allow_unused=True,
-                                             materialize_grads=True))
-            if total is None:
-                total = grads
-            else:
-                torch._foreach_add_(total, grads)
+        with self.shards.gradient_passes():
+            for batch in self.batches:
+                grads = self.shards.gradients(self.loss_fn(self.model, batch), self.params, seed)
+                if total is None:
+                    total = grads
+                else:
+                    torch._foreach_add_(total, grads)
         return total
 
     def local_gradient(self) -> torch.Tensor:
         return self.flatten(self.local_gradients())
 
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        """H v for one full vector, averaged over ranks (one all-reduce), full on every rank."""
+        """H v for one full vector, averaged over ranks (one all-reduce), full on every rank
+        (one process and DDP)."""
         product = self.local_products(vector[None])[0]
         self.num_products += 1
         self._tick(1)
@@ -268,17 +438,16 @@ class Objective:
 
     def products(self, rows: torch.Tensor) -> torch.Tensor:
         """H v for each vector v given as this rank's slices (m, local_dim): this rank's slices of
-        the products, averaged over ranks. The full vectors exist only during the call."""
-        full = self.shards.gather(rows)
-        padded = self.shards.padded(len(rows), rows) if self.shards.world_size > 1 else None
-        local = self.local_products(full, None if padded is None else padded[:, :self.dim])
+        the products, averaged over ranks. Full vectors exist only during the call, and only on
+        one process or under DDP."""
+        out = self.shards.products(rows, self.local_products)
         self.num_products += len(rows)
         self._tick(len(rows))
-        return self.shards.scatter_mean(local if padded is None else padded)
+        return out
 
     def local_products(self, vectors: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """This rank's H v (from its own batches, not averaged over ranks) for each full row v of
-        `vectors` (m, dim), into `out` when given."""
+        """H v from this rank's batches for each model-side row v of `vectors`, into `out` when
+        given: not averaged over ranks under FlatShards, averaged under ParameterShards."""
         out = torch.empty_like(vectors) if out is None else out
         if self.hvp_kind == "exact":
             return self._exact_products(vectors, out)
@@ -334,7 +503,7 @@ class Objective:
         w, and their difference is written straight into the flat result: the parameter-sized
         work is the norm of v, forming the two points and the difference."""
         for target, vector in zip(out, vectors):
-            vector_norm = vector.norm().item()
+            vector_norm = self.shards.norm(vector)
             if vector_norm == 0:
                 target.zero_()
                 continue
@@ -347,34 +516,27 @@ class Objective:
         return out
 
     def point_buffers(self) -> List[List[torch.Tensor]]:
-        """Two sets of parameter-shaped buffers, allocated once per Objective (fresh ones every
-        product cost page faults on CPU)."""
+        """Two sets of model-side parameter buffers, allocated once per Objective (fresh ones
+        every product cost page faults on CPU)."""
         if self._points is None:
-            self._points = [[torch.empty_like(p.data) for p in self.params] for _ in range(2)]
+            self._points = [[torch.empty_like(w) for w in self.weights()] for _ in range(2)]
         return self._points
 
     def at_antithetic_points(self, directions, step: float, evaluate: Callable[[], object]) -> list:
         """[evaluate() with the model at w + step * d, evaluate() at w - step * d]. Both points
         are formed together, parameter by parameter (the second reads w and d from cache), into
-        the point buffers and swapped in (`at`)."""
+        the point buffers and put in place by `at`."""
         points = self.point_buffers()
-        for weight, direction, plus, minus in zip([p.data for p in self.params], directions, *points):
+        for weight, direction, plus, minus in zip(self.weights(), directions, *points):
             torch.add(weight, direction, alpha=step, out=plus)
             torch.add(weight, direction, alpha=-step, out=minus)
         return [self.at(point, evaluate) for point in points]
 
     def at(self, point: Sequence[torch.Tensor], evaluate: Callable[[], object]):
-        """evaluate() with the parameters' tensors swapped for `point` (`.data`): w is never
-        written, so it comes back bit for bit without a snapshot, also on error."""
-        self._kept_graph = None  # it would read the swapped-in weights
-        weights = [p.data for p in self.params]
-        try:
-            for p, value in zip(self.params, point):
-                p.data = value
-            return evaluate()
-        finally:
-            for p, weight in zip(self.params, weights):
-                p.data = weight
+        """evaluate() with the model at `point` (model-side tensors) instead of w; w is back
+        afterwards, bit for bit, also on error."""
+        self._kept_graph = None  # it would read the moved weights
+        return self.shards.at(self.params, point, evaluate)
 
     def per_segment(self, samples: TraceSamples) -> Dict[str, Dict[str, float]]:
         """Trace estimates with standard errors per parameter, transformer block and tower."""
@@ -512,15 +674,16 @@ def noise_stability(model, loss_fn, batches, sigmas: Sequence[float], *, num_dra
     POSITIVE_INT.check("num_draws", num_draws, HessianError)
     if any(POSITIVE.violated(sigma) for sigma in sigmas):
         raise HessianError(f"sigmas {list(sigmas)}: every sigma must be > 0")
-    with Objective(model, loss_fn, batches, params, progress=progress) as objective:
+    with Objective(model, loss_fn, batches, params, hvp=None, progress=progress) as objective:
         clean = state["loss"] if state else objective.loss()
         deltas = [list(row) for row in state["deltas"]] if state else []
-        direction = torch.empty(objective.dim, dtype=objective.dtype, device=objective.device)
+        direction = None
         while len(deltas) < len(sigmas) or (deltas and len(deltas[-1]) < num_draws):
             if not deltas or len(deltas[-1]) == num_draws:
                 deltas.append([])
             row = deltas[-1]
-            pieces = objective.split(objective.normal_direction((seed, "noise_stability", len(row)), direction))
+            direction = objective.normal_direction((seed, "noise_stability", len(row)), direction)
+            pieces = objective.split(direction)
             plus, minus = objective.at_antithetic_points(pieces, sigmas[len(deltas) - 1], objective.loss)
             row.append((plus + minus) / 2 - clean)
             if checkpoint is not None:
@@ -565,7 +728,8 @@ def difference_from_reference(model, reference_state: Dict[str, torch.Tensor], p
         if reference[name].numel() != p.numel():
             raise HessianError(f"--reference-checkpoint {name}: shape {tuple(reference[name].shape)} "
                                f"does not match the model's {tuple(p.shape)}")
-        difference[name] = p.detach() - reference[name].to(p.device, p.dtype).reshape(p.shape)
+        whole = full_tensor(p.detach())
+        difference[name] = whole - reference[name].to(whole.device, whole.dtype).reshape(whole.shape)
     return difference
 
 
@@ -576,7 +740,7 @@ def save_eigenvectors(path, model, params=None, **groups) -> None:
     per row), beside `names` and `shapes` of the selected parameters, which split a row into
     parameter tensors in that order (as torch.split(row, [prod(shape) ...]))."""
     selected = select_parameters(model, params)
-    shards = FlatShards([p.numel() for p in selected.values()], *world_position())
+    shards = vector_layout(unwrap(model), list(selected.values()))
     content = {"names": list(selected), "shapes": [list(p.shape) for p in selected.values()]}
     for group, result in groups.items():
         content[f"{group}_eigenvalues"] = list(result["eigenvalues"])

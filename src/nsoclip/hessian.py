@@ -33,7 +33,7 @@ from .loss import contrastive_loss_fn, create_loss
 from .model import create_model_and_transforms
 from .params import (Parser, UsageError, add_data_args, add_distributed_args, add_hessian_args, add_model_args,
                      validate_hessian)
-from .parallel import unwrap
+from .parallel import FSDP_PRECISIONS, ShardingOptions, full_tensor, shard, unwrap
 from .resumable import PartialState
 from .rng import seed_everything
 
@@ -83,6 +83,9 @@ def build_parser():
     group.add_argument("--landscape-points", type=NUM_POINTS.flag(), default=21, help="Grid points per direction.")
     group.add_argument("--landscape-range", type=SPAN.flag(), default=1.0,
                        help="The grid spans [-R, R] along each direction.")
+    group.add_argument("--fsdp", action="store_true", default=False,
+                       help="Lay the model out with FSDP2 as training's --fsdp does (each rank holds 1/R of every "
+                            "parameter); needs --hessian-hvp finite_difference.")
     group.add_argument("--report-to", type=str, default="", help="'tensorboard' to log scalars under --logs.")
     group.add_argument("--logs", type=str, default=None,
                        help="Run folder (e.g. logs/NAME): TensorBoard events go to LOGS/tensorboard.")
@@ -106,6 +109,11 @@ def parse_args(argv):
     if args.landscape and args.landscape_directions == "eigen" and args.hessian_top_k < int(args.landscape[0]):
         raise UsageError(f"--landscape {args.landscape} --landscape-directions eigen: needs --hessian-top-k >= "
                          f"{args.landscape[0]} (its eigenvectors are the directions)")
+    if args.fsdp and args.hessian_hvp == "exact":
+        raise UsageError("--fsdp needs --hessian-hvp finite_difference: exact products (double backward) cannot run "
+                         "on an FSDP2 model, whose gradients FSDP forms outside autograd")
+    if args.fsdp and args.precision not in FSDP_PRECISIONS:
+        raise UsageError(f"--precision {args.precision} with --fsdp: use {', '.join(FSDP_PRECISIONS)}")
     args.sigmas = sigma_list(args.noise_stability_sigmas) if args.noise_stability_sigmas else []
     # The exact distributed contrastive loss, whatever was typed: it is the training objective.
     args.local_loss = args.gather_with_grad = True
@@ -172,6 +180,10 @@ def run(args, world):
     model = bundle[0]
     if args.resume:
         load_model_weights(model, args.resume, label="--resume")
+    if args.fsdp:
+        # No FSDP2 mixed precision: products in the parameters' dtype, as without --fsdp (a bf16
+        # all-gather would round away the finite-difference step).
+        shard(model, world, ShardingOptions())
     reference = None
     if args.reference_checkpoint:
         reference = model_state_dict(load_checkpoint(args.reference_checkpoint))
@@ -244,14 +256,14 @@ def run(args, world):
         "model": args.model, "checkpoint": args.resume or args.pretrained or None, "data_split": split,
         "batch_size": batch_size, "global_batch_size": batch_size * world.world_size,
         "num_batches": len(batches), "world_size": world.world_size,
-        "logit_scale": bare.logit_scale.exp().item() if hasattr(bare, "logit_scale") else None,
+        "logit_scale": full_tensor(bare.logit_scale.detach()).exp().item() if hasattr(bare, "logit_scale") else None,
         "seed": args.seed, "params": args.hessian_params, "precision": args.precision, "device": str(world.device),
         "num_probes": args.hessian_probes, "method": args.hessian_method, "hvp": args.hessian_hvp,
         "block_size": args.hessian_block_size, "target_rel_stderr": args.hessian_target_rel_stderr,
         "top_k": args.hessian_top_k, "bottom_k": args.hessian_bottom_k, "max_iter": args.hessian_max_iter,
         "density_probes": args.hessian_density_probes if args.hessian_density else None,
         "density_steps": args.hessian_density_steps if args.hessian_density else None,
-        "eigenvectors": args.hessian_save_eigenvectors,
+        "eigenvectors": args.hessian_save_eigenvectors, "fsdp": args.fsdp,
     }
     return report, partial
 

@@ -7,6 +7,7 @@ Each grid point is L(w + x d1 (+ y d2)) with the same loss and batches as `nsocl
 (every rank's batches, dropout off), formed in a buffer swapped in beside w, which is never
 written."""
 import itertools
+import math
 from typing import Callable, Optional
 
 import torch
@@ -29,13 +30,14 @@ def filter_normalised(objective: Objective, key: tuple) -> torch.Tensor:
     (biases, norms, class token, logit_scale) get zero, as Li et al. do by default
     (`ignore biasbn`): their scale is not comparable to a filter's."""
     direction = objective.normal_direction(key)
-    for (start, end), param in zip(objective.segments, objective.params):
+    for (start, end), shape, weight, param in zip(objective.segments, objective.shapes, objective.weights(),
+                                                  objective.params):
         piece = direction[start:end]
         if param.ndim < 2:
             piece.zero_()
             continue
-        rows = piece.view(param.shape[0], -1)
-        norms = param.detach().reshape(param.shape[0], -1).to(rows.dtype).norm(dim=1, keepdim=True)
+        rows = piece.view(shape[0], math.prod(shape[1:]))  # this rank's rows: whole filters in any layout
+        norms = weight.reshape(rows.shape).to(rows.dtype).norm(dim=1, keepdim=True)
         rows.mul_(norms / (rows.norm(dim=1, keepdim=True) + FILTER_EPS))
     return direction
 
@@ -64,21 +66,22 @@ def loss_landscape(model, loss_fn, batches, *, dims: int = 1, directions: str = 
         pairs = hessian_eigenpairs(model, loss_fn, batches, k=dims, max_iter=max_iter, seed=seed, params=params,
                                    hvp=hvp, vectors=True, progress=progress)
         vectors, eigenvalues = pairs["vectors"], pairs["eigenvalues"]
-    with Objective(model, loss_fn, batches, params, progress=progress) as objective:
+    with Objective(model, loss_fn, batches, params, hvp=None, progress=progress) as objective:
         if directions == "eigen":
             if vectors.ndim != 2 or len(vectors) < dims or vectors.shape[1] != objective.shards.local_dim:
                 raise HessianError(f"vectors of shape {tuple(vectors.shape)}: expected at least {dims} rows of this "
                                    f"rank's {objective.shards.local_dim} entries")
             local = vectors[:dims].to(device=objective.device, dtype=objective.dtype).contiguous()
-            axes = objective.shards.gather(local)
+            axes = objective.shards.to_model(local)
         else:
             axes = torch.stack([filter_normalised(objective, (seed, "landscape", axis)) for axis in range(dims)])
         coordinates = torch.linspace(-span, span, num_points, dtype=torch.float64).tolist()
+        # axes are model-side vectors: whole (one process, DDP) or this rank's rows (FSDP2)
         grid = list(itertools.product(coordinates, repeat=dims))
         centre = state["loss_at_w"] if state else objective.loss()
         losses = list(state["losses"]) if state else []
         pieces = [objective.split(axis) for axis in axes]
-        weights = [p.data for p in objective.params]
+        weights = objective.weights()
         point = objective.point_buffers()[0]
         while len(losses) < len(grid):
             first, *others = grid[len(losses)]

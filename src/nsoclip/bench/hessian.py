@@ -23,7 +23,13 @@
 4. Time of SLQ per product (`--slq-probes` x `--slq-steps` on `--model` at the first batch size,
    one batch: a kept graph) against a lone product on the same graph, measured in one process:
    the difference is the reorthogonalisation against the growing basis.
-5. A paper estimate of the per-rank Lanczos memory of `--paper-model` (ViT-L-14) at
+5. Finite-difference products of the same model at 2 gloo ranks laid out by FSDP2 (--fsdp: the
+   points formed on local shards, the backward's reduce-scatter averaging) against DDP's layout
+   (whole parameters: the vector gathered, this rank's product, a reduce-scatter), both in the
+   same pair of processes, interleaved over `--fd-rounds`: seconds per product, the bytes each
+   keeps per rank (parameters and point buffers, measured from the tensors), and the largest
+   difference between the two products.
+6. A paper estimate of the per-rank Lanczos memory of `--paper-model` (ViT-L-14) at
    `--paper-ranks` (8) and m = `--memory-max-iter`, parameters counted on the meta device.
 """
 import argparse
@@ -42,9 +48,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import distributed
 from ..curvature import Objective, spectral_density
+from ..distributed import World
 from ..launch import spawn_local_ranks
 from ..loss import contrastive_loss_fn
 from ..model import resolve_model_name
+from ..parallel import ShardingOptions, local_tensor, shard
 from ..spectral import CHUNK, HUTCHINSON_BLOCK, Space, hutchinson, hutchpp, lanczos
 from .nso import model_spec
 
@@ -74,7 +82,9 @@ def parse_args(argv):
     parser.add_argument("--slq-steps", type=int, default=30)
     parser.add_argument("--paper-model", default="ViT-L-14")
     parser.add_argument("--paper-ranks", type=int, default=8)
-    parser.add_argument("--skip", default="", help="Comma-separated parts to leave out: cost,accuracy,memory,slq.")
+    parser.add_argument("--fd-rounds", type=int, default=10, help="Interleaved rounds of the FSDP2 vs DDP case.")
+    parser.add_argument("--skip", default="",
+                        help="Comma-separated parts to leave out: cost,accuracy,memory,slq,fsdp.")
     return parser.parse_args(argv)
 
 
@@ -256,6 +266,61 @@ def slq_cost(args) -> dict:
             "slq_per_product_over_lone_product": per_product / lone}
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def fd_layouts_worker(rank, world_size, port, model_name, batch_size, rounds, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=30))
+    world = World(rank=rank, local_rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    plain = open_clip.create_model(resolve_model_name(model_name), output_dict=True)
+    sharded = open_clip.create_model(resolve_model_name(model_name), output_dict=True)
+    sharded.load_state_dict(plain.state_dict())
+    shard(sharded, world, ShardingOptions())
+    images, texts = random_batch(plain, batch_size, torch.Generator().manual_seed(1))
+    share = batch_size // world_size
+    batch = images[rank * share:(rank + 1) * share], texts[rank * share:(rank + 1) * share]
+    loss_fn = contrastive_loss_fn(open_clip.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                                                     world_size=world_size))
+    objectives = {"ddp": Objective(plain, loss_fn, [batch], hvp="finite_difference").__enter__(),
+                  "fsdp": Objective(sharded, loss_fn, [batch], hvp="finite_difference").__enter__()}
+    rows = {name: objective.probes(0, "bench")(0, 1) for name, objective in objectives.items()}
+    products = {name: objective.products(rows[name]) for name, objective in objectives.items()}  # warm-up
+    whole = {name: objectives[name].shards.gather(product) for name, product in products.items()}
+    times = {name: [] for name in objectives}
+    for round_index in range(rounds):
+        for name in (("ddp", "fsdp") if round_index % 2 == 0 else ("fsdp", "ddp")):
+            times[name].append(timed(lambda: objectives[name].products(rows[name])))
+    held = {}
+    for name, objective in objectives.items():
+        params = [local_tensor(p) for p in objective.params]
+        buffers = [t for point in objective.point_buffers() for t in point] + list(objective.weights())
+        held[name] = {"parameters": tensor_bytes(params),
+                      "point_buffers_and_snapshot": tensor_bytes({id(t): t for t in buffers
+                                                                  if all(t is not p for p in params)}.values())}
+    difference = ((whole["fsdp"] - whole["ddp"]).norm() / whole["ddp"].norm()).item()
+    record = {"rank": rank, "num_params": objectives["ddp"].dim,
+              "local_dim": {name: objective.shards.local_dim for name, objective in objectives.items()},
+              "median_seconds": {name: statistics.median(t) for name, t in times.items()},
+              "bytes_held": held, "relative_difference": difference}
+    Path(out_dir, f"fd-rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+def fd_layouts(args) -> dict:
+    with tempfile.TemporaryDirectory() as out_dir:
+        spawn_local_ranks(fd_layouts_worker, 2, args.model, args.memory_batch_size, args.fd_rounds, out_dir,
+                          timeout=3600)
+        ranks = [json.loads(Path(out_dir, f"fd-rank{r}.json").read_text()) for r in range(2)]
+    ratio = [r["median_seconds"]["fsdp"] / r["median_seconds"]["ddp"] for r in ranks]
+    return {"model": args.model, "world_size": 2, "global_batch_size": args.memory_batch_size,
+            "rounds": args.fd_rounds, "fsdp_over_ddp_seconds_per_product": ratio, "ranks": ranks}
+
+
 def paper_estimate(model_name: str, world_size: int, max_iter: int) -> dict:
     """Per-rank bytes of Lanczos with m = max_iter on world_size ranks, fp32: the basis, and the
     working vectors of one product (the gathered direction and the padded product, full length;
@@ -292,6 +357,8 @@ def main(argv) -> int:
         result["lanczos_memory"] = lanczos_memory(args)
     if "slq" not in skip:
         result["slq_cost"] = slq_cost(args)
+    if "fsdp" not in skip:
+        result["fd_products_fsdp_vs_ddp"] = fd_layouts(args)
     result["paper_estimate"] = paper_estimate(args.paper_model, args.paper_ranks, args.memory_max_iter)
     print(json.dumps(result, indent=2))
     return 0

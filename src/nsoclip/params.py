@@ -379,9 +379,12 @@ def validate_sharding(args):
     if args.opt == "sam" and args.sam_ascent == "local":
         raise UsageError("--sam-ascent local needs every rank to hold the whole model: with --fsdp use "
                          "--sam-ascent global")
-    if args.hessian_frequency:
-        raise UsageError("--hessian-frequency with --fsdp: the Hessian evaluator needs whole parameters; run "
-                         "nsoclip.hessian on an epoch checkpoint instead")
+    if args.hessian_frequency and (args.hessian_hvp != "finite_difference" or args.precision != "fp32"
+                                   or args.fsdp_offload_cpu):
+        raise UsageError("--hessian-frequency with --fsdp needs --hessian-hvp finite_difference, --precision fp32 "
+                         "and no --fsdp-offload-cpu: exact products (double backward) cannot run on an FSDP2 model, "
+                         "bf16 all-gathers would round away the finite-difference step, and offloaded shards "
+                         "live on another device than the batches")
 
 
 def validate_hessian(args):

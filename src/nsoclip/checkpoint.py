@@ -170,6 +170,7 @@ class Checkpointer:
             "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "nonfinite_total": run.nonfinite_total,
+            "compute": run.compute.state_dict(),
             "world_size": self.world.world_size,
             "global_batch_size": self.global_batch_size(),
         }
@@ -263,4 +264,9 @@ class Checkpointer:
             run.scaler.load_state_dict(checkpoint["scaler"])
         run.step = int(checkpoint.get("step", epoch * steps_per_epoch))
         run.nonfinite_total = int(checkpoint.get("nonfinite_total", 0))
+        if "compute" in checkpoint:
+            run.compute.load_state_dict(checkpoint["compute"])
+        else:
+            logging.warning("--resume %s: the checkpoint has no compute counters; passes, samples and FLOPs "
+                            "count from this start", path)
         return epoch, int(checkpoint.get("batch", 0))

@@ -6,7 +6,8 @@
 #
 #   RECIPES='adamw nso' NSO_SIGMAS='0.008 0.01 0.015' SEEDS='0 1 2' TRAIN_DATA='/data/cc3m/{00000..00331}.tar' \
 #   TRAIN_NUM_SAMPLES=2905954 LOGS=/shared/logs bash scripts/slurm_sweep.sh [extra nsoclip.main flags]
-#       # submits the array (sbatch --array=0-N-1; MAX_PARALLEL caps the tasks running at once)
+#       # submits the array (sbatch --array=0-N-1; MAX_PARALLEL caps the tasks running at once;
+#       # SBATCH_ARGS='--nodes=4 --partition=gpu' adds sbatch options, which override the header's)
 #   bash scripts/slurm_sweep.sh --dry-run     # (or DRY_RUN=1) print the sbatch command, then every task's command
 #   SLURM_ARRAY_TASK_ID=3 bash scripts/slurm_sweep.sh --dry-run     # print task 3's command only
 #SBATCH --job-name=nsoclip-sweep
@@ -79,7 +80,9 @@ for task in "${!GRID[@]}"; do
 done
 max_parallel=${MAX_PARALLEL:-}
 [[ -z $max_parallel || $max_parallel =~ ^[1-9][0-9]*$ ]] || die "MAX_PARALLEL=$max_parallel: must be a positive integer"
-submit=(sbatch "--array=0-$((${#GRID[@]} - 1))${max_parallel:+%$max_parallel}" "$scripts_dir/slurm_sweep.sh" "$@")
+read -ra sbatch_args <<< "${SBATCH_ARGS:-}"
+submit=(sbatch "--array=0-$((${#GRID[@]} - 1))${max_parallel:+%$max_parallel}" "${sbatch_args[@]}"
+        "$scripts_dir/slurm_sweep.sh" "$@")
 if [[ $DRY_RUN == 1 ]]; then
     print_command "${submit[@]}"
     for task in "${!GRID[@]}"; do

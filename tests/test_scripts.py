@@ -35,7 +35,7 @@ READ_BY_SCRIPTS = {
     "MODEL", "BATCH_SIZE", "WORKERS", "PRECISION", "SEED", "VAL_DATA", "VAL_NUM_SAMPLES", "SAVE_EVERY_N_STEPS",
     "NPROC_PER_NODE", "NNODES", "RDZV_ENDPOINT", "RDZV_ID", "MAX_RESTARTS", "HESSIAN_PROBES", "HESSIAN_NUM_BATCHES",
     "HESSIAN_METHOD", "HESSIAN_HVP", "HESSIAN_TOP_K", "NOISE_SIGMAS", "HESSIAN_OUTPUT", "OUTPUT", "PYTHON",
-    "NSOCLIP_SCRIPTS", "DRY_RUN", "RECIPES", "NSO_SIGMAS", "SEEDS", "MAX_PARALLEL", "NAME_SUFFIX",
+    "NSOCLIP_SCRIPTS", "DRY_RUN", "RECIPES", "NSO_SIGMAS", "SEEDS", "MAX_PARALLEL", "NAME_SUFFIX", "SBATCH_ARGS",
 }
 
 
@@ -196,7 +196,8 @@ def fake_bin(tmp_path, scontrol_hosts=None):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for tool in ("dirname", "basename"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
+        if not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(shutil.which(tool))
     if scontrol_hosts is not None:
         scontrol = bin_dir / "scontrol"
         scontrol.write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] || exit 1\nprintf '%s\\n' "
@@ -318,8 +319,10 @@ def sweep_tasks(tmp_path, **extra):
 
 
 def test_sweep_is_a_job_array_over_recipes_sigmas_and_seeds(tmp_path):
-    submit, tasks = sweep_tasks(tmp_path, MAX_PARALLEL="4")
-    assert submit == ["sbatch", "--array=0-7%4", str(SCRIPTS / "slurm_sweep.sh"), "--epochs", "3"]
+    submit, tasks = sweep_tasks(tmp_path, MAX_PARALLEL="4", SBATCH_ARGS="--nodes=4 --partition=gpu")
+    assert submit == ["sbatch", "--array=0-7%4", "--nodes=4", "--partition=gpu", str(SCRIPTS / "slurm_sweep.sh"),
+                      "--epochs", "3"]
+    assert sweep_tasks(tmp_path)[0][:2] == ["sbatch", "--array=0-7"]
     grid = [(a.opt, a.nso_sigma if a.opt == "nso" else None, a.seed, a.epochs) for a in tasks]
     assert grid == [("adamw", None, 0, 3), ("adamw", None, 1, 3),
                     ("nso", 0.008, 0, 3), ("nso", 0.008, 1, 3), ("nso", 0.015, 0, 3), ("nso", 0.015, 1, 3),

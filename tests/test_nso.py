@@ -731,3 +731,24 @@ def test_relative_noise_two_ranks_equal_one_process(clip_two_ranks, noise_scale)
     assert max(float((single[k] - initial[k]).abs().max()) for k in single) > 1e-3
     for key in single:
         torch.testing.assert_close(two_ranks[0][key], single[key], rtol=1e-4, atol=2e-6, msg=f"{noise_scale}: {key}")
+
+
+def test_added_parameter_group_gets_its_sigma():
+    model = named_tiny_clip()
+    named = list(model.named_parameters())
+    conv = next(pair for pair in named if pair[0] == "visual.conv1.weight")
+    opt = NSO([pair for pair in named if pair is not conv], torch.optim.SGD, sigma=0.02, sigma_groups="visual=0.5",
+              lr=0.0)
+    opt.add_param_group({"params": [conv]})
+    start = conv[1].detach().clone()
+    seen = []
+
+    def closure():
+        seen.append(conv[1].detach() - start)
+        loss = sum(p.sum() for _, p in named)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(opt.tensor_sigmas) == len(named) and opt.tensor_sigmas[-1] == 0.5
+    assert float(seen[0].std()) == pytest.approx(0.5, rel=0.1)

@@ -229,14 +229,16 @@ class NSO(PerturbedOptimizer):
         self.every = int(every)
         self.start_step = int(start_step)
         self.reduce = reduce
-        self.tensor_sigmas = self._tensor_sigmas(sigma_groups)
+        self.sigma_groups = sigma_groups
+        self.tensor_sigmas = self._tensor_sigmas()
         self.step_count = 0
         self._streams = Streams()
         self._stds = []
 
-    def _tensor_sigmas(self, sigma_groups) -> List[float]:
+    def _tensor_sigmas(self) -> List[float]:
         """sigma of every tensor in the groups, by the index the noise stream uses."""
         count = sum(len(group["params"]) for group in self.param_groups)
+        sigma_groups = self.sigma_groups
         if not sigma_groups:
             return [self.sigma] * count
         if any("param_names" not in group for group in self.param_groups):
@@ -320,6 +322,8 @@ class NSO(PerturbedOptimizer):
             raise ValueError("NSO.step needs a closure that runs forward + backward and returns the loss")
         if not self.perturbs_at(self.step_count):
             return self._plain_step(closure, grad_scaler, max_grad_norm)
+        if len(self.tensor_sigmas) != sum(len(group["params"]) for group in self.param_groups):
+            self.tensor_sigmas = self._tensor_sigmas()  # a parameter group was added
         indexed = [(index, p) for index, p in self._trainable()
                    if self.perturbs(p) and self.tensor_sigmas[index] > 0]
         perturbed = [p for _, p in indexed]

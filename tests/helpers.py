@@ -11,12 +11,16 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.distributed as dist
 
 from nsoclip.checkpoint import load_checkpoint
+from nsoclip.distributed import World
 from nsoclip.launch import child_env, free_port, python_command, spawn_local_ranks as run_ranks  # noqa: F401
+from nsoclip.parallel import Layout
 from nsoclip.params import Parser, add_model_args
+from nsoclip.train import Run, make_closure
 
 CONFIGS = Path(__file__).parent / "configs"
 REPO = Path(__file__).resolve().parent.parent
@@ -207,3 +211,10 @@ def count_all_reduces(ddp_model) -> list:
 
     ddp_model.register_comm_hook(state=None, hook=hook)
     return counter
+
+
+def loop_closure(model, batches):
+    """The training loop's closure over `batches` (fp32, one process, the contrastive loss)."""
+    run = Run(args=Namespace(precision="fp32"), world=World(), model=model, layout=Layout(model),
+              loss=open_clip.ClipLoss(), optimizer=None, scaler=None, schedule=None, checkpoints=None, metrics=None)
+    return make_closure(run, batches)

@@ -228,12 +228,15 @@ def checkpoint_position(path) -> Optional[int]:
     return step if isinstance(step, int) else None
 
 
+SHARDED_NAME = re.compile(r"step_\d+")
+
+
 def checkpoint_paths(checkpoint_dir):
     """Every checkpoint a run folder holds: `*.pt` files and sharded `step_N/` folders (a
     temporary folder of an unfinished sharded write is hidden, so never listed)."""
     checkpoint_dir = Path(checkpoint_dir)
     return [path for path in checkpoint_dir.glob("*.pt") if path.is_file()] + \
-        [path for path in checkpoint_dir.glob("step_*") if path.is_dir()]
+        [path for path in checkpoint_dir.glob("step_*") if path.is_dir() and SHARDED_NAME.fullmatch(path.name)]
 
 
 def latest_checkpoint(checkpoint_dir) -> Optional[Path]:
@@ -290,6 +293,7 @@ class Checkpointer:
             "name": self.args.name,
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "nonfinite_total": run.nonfinite_total,
+            "compute": run.compute.state_dict(),
             "world_size": self.world.world_size,
             "global_batch_size": self.global_batch_size(),
         }
@@ -437,6 +441,11 @@ class Checkpointer:
             run.scaler.load_state_dict(checkpoint["scaler"])
         run.step = int(checkpoint.get("step", epoch * steps_per_epoch))
         run.nonfinite_total = int(checkpoint.get("nonfinite_total", 0))
+        if "compute" in checkpoint:
+            run.compute.load_state_dict(checkpoint["compute"])
+        else:
+            logging.warning("--resume %s: the checkpoint has no compute counters; passes, samples and FLOPs "
+                            "count from this start", path)
         return epoch, int(checkpoint.get("batch", 0))
 
 

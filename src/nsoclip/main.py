@@ -23,7 +23,7 @@ from .loader import first_batches
 from .logger import MetricsLogger, setup_logging
 from .loss import contrastive_loss_fn, create_loss
 from .model import create_model_and_transforms, prepare_for_training
-from .optim import create_optimizer
+from .optim import check_against_model, create_optimizer
 from .parallel import ShardingOptions, distribute
 from .params import UsageError, parse_args
 from .precision import grad_scaler
@@ -107,7 +107,7 @@ def evaluate_and_record(run, data, sets, tokenizer, preprocess_val, completed_ep
         metrics.update(hessian_metrics(run.model, contrastive_loss_fn(run.loss), batches, args))
     barrier()
     if metrics:
-        write_results(metrics, run_dir, completed_epochs, run.step, run.metrics.writer)
+        write_results(metrics, run_dir, completed_epochs, run.step, run.metrics.writer, run.compute.totals())
 
 
 def sharding_options(args):
@@ -134,6 +134,7 @@ def train(args) -> bool:
     seed_everything(args.seed, 0)
     model, preprocess_train, preprocess_val, tokenizer = create_model_and_transforms(args, world.device)
     prepare_for_training(model, args)
+    check_against_model(args, model)
     seed_everything(args.seed, world.rank)
     data = get_data(args, (preprocess_train, preprocess_val), tokenizer, world)
     sets = zero_shot_sets(args, world)

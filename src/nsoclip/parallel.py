@@ -110,6 +110,10 @@ class Layout:
         """The 2-norm over all elements of all ranks from per-tensor norms of the local elements."""
         return torch.linalg.vector_norm(torch.stack(local_norms))
 
+    def sum_over_shards(self, local_sums: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Per tensor, the sum over every rank holding a part of it of per-rank partial sums."""
+        return local_sums
+
     def evaluation(self):
         """Around forwards that ranks run in different numbers (each scores its own share)."""
         return contextlib.nullcontext()
@@ -198,6 +202,11 @@ class Sharded(Layout):
         squares = torch.stack(local_norms).square().sum()
         dist.all_reduce(squares, group=self._group)  # one scalar over the mesh the shards live on
         return squares.sqrt()
+
+    def sum_over_shards(self, local_sums):
+        sums = torch.stack(local_sums)
+        dist.all_reduce(sums, group=self._group)  # one call for all tensors
+        return list(sums.unbind())
 
     @contextlib.contextmanager
     def evaluation(self):

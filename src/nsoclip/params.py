@@ -236,6 +236,20 @@ def add_training_args(parser):
     optim.add_argument("--nso-sigma-ramp-steps", type=nso.SIGMA_RAMP_STEPS.flag(), default=0, help="Steps of the sigma ramp.")
     optim.add_argument("--nso-perturb", choices=nso.PERTURB_CHOICES, default="all",
                        help="'weights' leaves logit_scale, norms and biases unperturbed.")
+    optim.add_argument("--nso-noise-scale", choices=nso.NOISE_SCALES, default="absolute",
+                       help="Noise std sigma (absolute), or relative to w: sigma ||w_row|| / sqrt(row size) per "
+                            "output row (filter), sigma ||w|| / sqrt(numel) per tensor (layer), "
+                            "sigma (|w| + eta) per element (element).")
+    optim.add_argument("--nso-noise-eta", type=nso.NOISE_ETA.flag(), default=0.01,
+                       help="eta of --nso-noise-scale element (ASAM's offset).")
+    optim.add_argument("--nso-sigma-groups", type=nso.sigma_groups_flag, default=None,
+                       help="Per-group sigma, e.g. 'visual=0.01,text=0.005,logit_scale=0': a pattern is a tower "
+                            "(visual, text, other) or part of a parameter name; first match wins, the rest "
+                            "use --nso-sigma.")
+    optim.add_argument("--nso-every", type=nso.EVERY.flag(), default=1,
+                       help="Perturbed steps every N-th step, plain AdamW steps in between.")
+    optim.add_argument("--nso-start-step", type=nso.START_STEP.flag(), default=0,
+                       help="Plain AdamW steps before this step, perturbed steps from it on.")
     optim.add_argument("--sam-rho", type=sam.RHO.flag(), default=0.05, help="SAM neighbourhood radius.")
     optim.add_argument("--sam-adaptive", action="store_true", default=False, help="ASAM.")
     optim.add_argument("--sam-ascent", choices=sam.ASCENTS, default="local",

@@ -209,6 +209,9 @@ def zero_shot_sets(args, world: World) -> List[ZeroShotSet]:
     sets, error = broadcast_object((sets, error))
     if error:
         raise ZeroShotError(error)
+    for zs in sets:
+        logging.info("Zero-shot set %s: %d classes, %d images in %s", zs.prefix, len(zs.classnames), len(zs.samples),
+                     zs.root)
     return sets
 
 

@@ -198,7 +198,7 @@ def train(args) -> bool:
     prepare_for_training(model, args)
     loss = create_loss(args, world, model)
     values = settings(args, model)
-    model = torchscript(model, args)
+    scripted = torchscript(model, args)
     seed_everything(args.seed, world.rank)
     data = get_data(args, (preprocess_train, preprocess_val), tokenizer, world)
     sets = zero_shot_sets(args, world)
@@ -219,10 +219,10 @@ def train(args) -> bool:
     if world.is_master:
         check_worker_count(args.workers)
     checkpoints.remove_partial_writes()
-    ddp_model = distribute(model, world, args.ddp_static_graph, args.use_bn_sync)
+    ddp_model = distribute(scripted or model, world, args.ddp_static_graph, args.use_bn_sync)
     optimizer = create_optimizer(args, model, ddp_model)
     metrics = start_metrics(args, run_dir, world, values)
-    run = Run(args=args, world=world, model=model, ddp_model=ddp_model, loss=loss,
+    run = Run(args=args, world=world, model=model, ddp_model=ddp_model, scripted=scripted, loss=loss,
               optimizer=optimizer, scaler=grad_scaler(args.precision, world.device),
               schedule=LRSchedule(optimizer, args, steps_per_epoch), checkpoints=checkpoints, metrics=metrics)
     sync = start_remote_sync(args, run_dir, world) if args.remote_sync else None

@@ -169,10 +169,10 @@ def create_model_and_transforms(args, device: torch.device, weights_follow: bool
     return model, preprocess_train, preprocess_val, tokenizer
 
 
-def torchscript(model: torch.nn.Module, args) -> torch.nn.Module:
-    """--torchscript as OpenCLIP: the model scripted by torch.jit.script, which keeps the same
-    parameter tensors, so optimizers and checkpoints see no difference (torch deprecates it)."""
-    return torch.jit.script(model) if args.torchscript else model
+def torchscript(model: torch.nn.Module, args):
+    """--torchscript as OpenCLIP: the model scripted by torch.jit.script (torch deprecates it),
+    sharing the model's parameters, for the training step to call; None without the flag."""
+    return torch.jit.script(model) if args.torchscript else None
 
 
 def prepare_for_training(model: torch.nn.Module, args) -> None:

@@ -383,6 +383,9 @@ def validate(args):
     if args.torchscript and args.grad_checkpointing:
         raise UsageError("--torchscript with --grad-checkpointing: a scripted open_clip model skips activation "
                          "checkpointing (drop one of them)")
+    if args.torchscript and args.use_bn_sync:
+        raise UsageError("--torchscript with --use-bn-sync: SyncBatchNorm cannot be swapped into a scripted model "
+                         "(drop one of them)")
     if args.pretrained_image and args.pretrained:
         raise UsageError("--pretrained-image has no effect with --pretrained: the CLIP weights replace the "
                          "image tower's (drop one of them)")

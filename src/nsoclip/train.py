@@ -41,13 +41,14 @@ class Run:
     args: object
     world: World
     model: torch.nn.Module                 # the bare open_clip model (saved, evaluated)
-    ddp_model: Optional[torch.nn.Module]   # its DDP wrapper when distributed
+    ddp_model: Optional[torch.nn.Module]   # its DDP wrapper when distributed (of `scripted` when there is one)
     loss: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
     schedule: LRSchedule
     checkpoints: Checkpointer
     metrics: MetricsLogger
+    scripted: Optional[torch.nn.Module] = None  # --torchscript: the scripted model, same parameters
     step: int = 0
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
@@ -56,7 +57,11 @@ class Run:
 
     @property
     def forward_model(self):
-        return self.ddp_model if self.ddp_model is not None else self.model
+        """What the training step calls; checkpoints and evaluation use `model`, whose state_dict
+        has plain open_clip's keys (a scripted one adds its attention-mask buffers)."""
+        if self.ddp_model is not None:
+            return self.ddp_model
+        return self.scripted if self.scripted is not None else self.model
 
 
 class StopOnSignal:

@@ -219,7 +219,8 @@ def train(args) -> bool:
     if world.is_master:
         check_worker_count(args.workers)
     checkpoints.remove_partial_writes()
-    ddp_model = distribute(scripted or model, world, args.ddp_static_graph, args.use_bn_sync)
+    ddp_model = distribute(scripted if scripted is not None else model, world, args.ddp_static_graph,
+                           args.use_bn_sync)
     optimizer = create_optimizer(args, model, ddp_model)
     metrics = start_metrics(args, run_dir, world, values)
     run = Run(args=args, world=world, model=model, ddp_model=ddp_model, scripted=scripted, loss=loss,

@@ -175,8 +175,14 @@ def fetch_latest(url: str, name: str, protocol: str, checkpoint_dir: Path, world
         fs, root = filesystem(f"{url.rstrip('/')}/{name}", protocol)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        logging.info("Downloading %s/checkpoints/%s to %s", url.rstrip("/"), choice, target)
-        fs.get_file(f"{root.rstrip('/')}/checkpoints/{choice}", str(partial))
+        source = f"{url.rstrip('/')}/{name}/checkpoints/{choice}"
+        logging.info("Downloading %s to %s", source, target)
+        try:
+            fs.get_file(f"{root.rstrip('/')}/checkpoints/{choice}", str(partial))
+        except Exception as error:  # whatever the file system's library raises, the copy is unusable
+            partial.unlink(missing_ok=True)
+            raise RemoteSyncError(f"--remote-sync: cannot download {source}, which {LATEST} names as the newest "
+                                  f"checkpoint ({type(error).__name__}: {one_line(error)})") from None
         os.replace(partial, target)
     barrier()
     return target

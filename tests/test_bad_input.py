@@ -147,7 +147,7 @@ TRAINING_CASES = {
     "precision-unknown": (["--precision", "fp64"], "argument --precision: invalid choice: 'fp64'"),
     "batch-not-a-number": (["--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
     "unknown-flag": (["--foo", "1"], "unrecognized arguments: --foo 1"),
-    "unsupported-openclip-flag": (["--torchscript"], "--torchscript: TorchScript export is not supported"),
+    "unsupported-openclip-flag": (["--horovod"], "--horovod: Horovod is not supported; launch the same command"),
     # models and data
     "model-config-missing": (["--model", "{files}/absent.json"], "absent.json: config file not found"),
     "model-config-incomplete": (["--model", "{files}/bad-config.json"], "model config lacks vision_cfg, text_cfg"),

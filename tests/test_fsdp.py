@@ -82,7 +82,7 @@ def build(world, args, initial, resume=None):
     prepare_for_training(model, args)
     layout = distribute(model, world, sharding=sharding_options(args))
     optimizer = create_optimizer(args, model, layout)
-    run = Run(args=args, world=world, model=model, layout=layout, loss=create_loss(args, world),
+    run = Run(args=args, world=world, model=model, layout=layout, loss=create_loss(args, world, model),
               optimizer=optimizer, scaler=None, schedule=LRSchedule(optimizer, args, STEPS), checkpoints=checkpoints,
               metrics=None)
     if resume is not None:
@@ -397,6 +397,8 @@ def test_kill9_of_one_rank_resumes_from_a_sharded_checkpoint_bit_identically(tmp
     (["--fsdp"], "--precision amp with --fsdp: use fp32, amp_bf16, amp_bfloat16, pure_bf16"),
     (["--fsdp", "--precision", "fp32", "--opt", "sam"], "--sam-ascent local needs every rank to hold the whole model"),
     (["--fsdp", "--precision", "fp32", "--hessian-frequency", "1"], "--hessian-frequency with --fsdp"),
+    (["--fsdp", "--precision", "fp32", "--torchscript"], "--torchscript with --fsdp"),
+    (["--fsdp", "--precision", "fp32", "--use-bn-sync"], "--use-bn-sync with --fsdp"),
     (["--fsdp-checkpoint", "sharded"], "--fsdp-checkpoint sharded needs --fsdp"),
     (["--fsdp-offload-cpu"], "--fsdp-offload-cpu needs --fsdp"),
     (["--fsdp-grad-reduce", "step"], "--fsdp-grad-reduce step needs --fsdp"),

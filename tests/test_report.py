@@ -287,3 +287,24 @@ def test_compute_matched_runs_are_marked(seed_report):
 def test_no_seed_groups_reads_na(report):
     _, markdown = report
     assert "## Seeds" in markdown and "n/a (no two runs differ only in seed)" in markdown
+
+
+def test_loss_at_the_final_weights_sits_beside_the_training_loss_and_a_difference_names_the_confound(tmp_path):
+    """nsoclip.hessian records L(w) with its noise stability: the report shows it (for NSO the
+    training loss is the mean at w ± e, not L(w)), and when two runs end at different L(w) the
+    comparison says the higher one is also less trained."""
+    def hessian(loss):
+        return {"trace": 100.0, "stderr": 4.0, "top_eigenvalues": [30.0],
+                "noise_stability": [{"sigma": 0.01, "mean": 0.4, "stderr": 0.1, "num_draws": 8, "loss": loss}]}
+
+    adamw = write_run(tmp_path / "adamw", scalars=[{"train/loss": [(10, 2.9)]}], hessian=hessian(2.890))
+    nso = write_run(tmp_path / "nso", scalars=[{"train/loss": [(10, 3.05)]}], hessian=hessian(3.014))
+    same = write_run(tmp_path / "same", scalars=[{"train/loss": [(10, 2.95)]}], hessian=hessian(2.890))
+    markdown = write_report([adamw, nso, same], tmp_path / "report").read_text()
+    rows = table_rows(markdown, "Summary")
+    assert rows["nso"]["final training loss"] == "3.05" and rows["nso"]["loss at the final weights"] == "3.014"
+    assert rows["adamw"]["loss at the final weights"] == "2.89"
+    comparisons = markdown.split("## Comparisons", 1)[1].split("## Plots", 1)[0]
+    assert ("- loss at the final weights: nso 3.014 vs adamw 2.89: nso is also less trained than adamw. A "
+            "less-fitted model can be flatter") in comparisons
+    assert "same 2.89 vs adamw" not in comparisons  # equal losses: nothing to caution about

@@ -74,13 +74,18 @@ def dry_run(script, env, *args):
 
 
 def module_args(words, module):
-    """Split `... -m [--] MODULE FLAGS` into (launcher words, FLAGS)."""
+    """Split `... -m MODULE [--] FLAGS` into (launcher words, FLAGS)."""
     index = words.index(module)
     launcher = words[:index]
-    if launcher[-1] == "--":
-        launcher.pop()
     assert launcher.pop() == "-m"
-    return launcher, words[index + 1:]
+    flags = words[index + 1:]
+    return launcher, flags[1:] if flags[:1] == ["--"] else flags
+
+
+def torchrun_args(words, python="python"):
+    """torchrun's parse of a `$PYTHON -m torch.distributed.run ...` command."""
+    assert words[:3] == [python, "-m", "torch.distributed.run"], words
+    return torchrun_parser().parse_args(words[3:])
 
 
 def optional_cli(module_name):
@@ -129,7 +134,7 @@ def test_training_recipes_parse(tmp_path, script, recipe, expected):
         assert launcher[:4] == ["srun", "--cpu_bind=v", "--accel-bind=gn", "--kill-on-bad-exit=1"]
         assert launcher[4:] == ["python", "-u"]
     else:
-        parsed = torchrun_parser().parse_args(words[1:])
+        parsed = torchrun_args(words)
         assert parsed.standalone and parsed.nproc_per_node == "gpu"
         assert parsed.module and parsed.training_script == "nsoclip.main"
         assert parsed.training_script_args == flags
@@ -162,7 +167,7 @@ def test_extra_flags_and_optional_data_pass_through(tmp_path):
 
 def test_dry_run_by_environment_variable(tmp_path):
     result = run_script("torchrun_train.sh", script_env(tmp_path, DRY_RUN="1"), dry_run=False)
-    assert result.returncode == 0 and result.stdout.startswith("torchrun ")
+    assert result.returncode == 0 and result.stdout.startswith("python -m torch.distributed.run ")
 
 
 def test_torchrun_multi_node_rendezvous(tmp_path):
@@ -171,7 +176,7 @@ def test_torchrun_multi_node_rendezvous(tmp_path):
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         missing.stderr.strip()] and "RDZV_ENDPOINT is not set" in missing.stderr
     _, words = dry_run("torchrun_train.sh", {**env, "RDZV_ENDPOINT": "node0:29400"})
-    parsed = torchrun_parser().parse_args(words[1:])
+    parsed = torchrun_args(words)
     assert (parsed.nnodes, parsed.nproc_per_node, parsed.max_restarts) == ("2", "4", 3)
     assert (parsed.rdzv_backend, parsed.rdzv_endpoint, parsed.rdzv_id) == ("c10d", "node0:29400", "sam-ViT-S-16-rho0.05")
     assert not parsed.standalone
@@ -288,7 +293,7 @@ def test_zeroshot_script(tmp_path, nproc):
     if nproc == "1":
         assert launcher == ["python"]
     else:
-        parsed = torchrun_parser().parse_args(words[1:])
+        parsed = torchrun_args(words)
         assert parsed.nproc_per_node == "8" and parsed.training_script_args == flags
     expected = {"--model": "ViT-B-32", "--pretrained": str(checkpoint), "--imagenet-val": str(imagenet),
                 "--output": str(tmp_path / "run" / "zeroshot-imagenet-epoch_2.json")}
@@ -370,3 +375,20 @@ def test_sweep_bad_settings_are_one_line_before_anything_is_queued(tmp_path, ext
     result = run_script("slurm_sweep.sh", env)
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("script,module,extra", [
+    ("torchrun_train.sh", "nsoclip.main", {}),
+    ("zeroshot_imagenet.sh", "nsoclip.zeroshot", {"NPROC_PER_NODE": "8", "CHECKPOINT": "/ckpt/epoch_1.pt",
+                                                  "IMAGENET_VAL": "/imagenet/val"}),
+])
+def test_torchrun_launches_use_python_and_the_working_separator(tmp_path, script, module, extra):
+    """docs/scripts.md: PYTHON is the interpreter of every launch, torchrun's included
+    (`$PYTHON -m torch.distributed.run`), and the module's flags follow `-m MODULE --`, the
+    form torchrun 2.14 accepts with --logs among them."""
+    python = "/opt/env/bin/python3"
+    _, words = dry_run(script, script_env(tmp_path, PYTHON=python, **extra))
+    parsed = torchrun_args(words, python)
+    index = words.index(module)
+    assert words[index - 1:index + 2] == ["-m", module, "--"]
+    assert parsed.module and parsed.training_script == module and parsed.training_script_args == words[index + 2:]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
 
+from .checks import command_line
 from .errors import NsoclipError
 from .launch import child_env, python_command
 from .report import write_report
@@ -305,7 +306,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(command_line(argv))
     started = time.perf_counter()
     output = Path(args.output).resolve()
     try:

@@ -1,7 +1,8 @@
 """How the model is laid out over the ranks, known in this module only: one process, DDP (every
 rank holds the whole model, gradients are all-reduced in backward) or FSDP2 (`fully_shard`: every
 rank holds 1/N of each parameter, gradient and optimizer state; each residual block gathers its
-parameters for its forward and backward and reduce-scatters its gradients).
+parameters for its forward and backward and reduce-scatters its gradients), with BatchNorm
+synchronised over DDP's ranks on request (--use-bn-sync).
 
 The loop, the optimizers, the checkpoints and the evaluators ask a `Layout` for what they need,
 never branching on the layout: the module the closure calls, a `no_sync()` for passes that only
@@ -24,6 +25,14 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import World
+from .errors import NsoclipError
+
+# Where torch's SyncBatchNorm runs (its forward refuses CPU tensors).
+SYNC_BATCHNORM_DEVICES = ("cuda", "xpu", "hpu")
+
+
+class LayoutError(NsoclipError, ValueError):
+    """The requested layout cannot run on this launch."""
 
 # When FSDP2 reduce-scatters gradients: after every backward (each NSO/SAM pass, each
 # --accum-freq micro-batch), keeping gradients sharded; or once per step, accumulating unsharded
@@ -346,14 +355,34 @@ def shard(model: torch.nn.Module, world: World, options: ShardingOptions) -> Sha
     return Sharded(model, options.grad_reduce, scalar_names, options.reshard_after_forward)
 
 
-def distribute(model: torch.nn.Module, world: World, static_graph: bool = False,
-               sharding: Optional[ShardingOptions] = None) -> Layout:
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def check_layout(world: World, sync_batchnorm: bool) -> None:
+    """What can be known before the model exists: SyncBatchNorm needs GPUs when distributed."""
+    if sync_batchnorm and world.distributed and world.device.type not in SYNC_BATCHNORM_DEVICES:
+        raise LayoutError(f"--use-bn-sync: torch's SyncBatchNorm runs on GPUs only, not on {world.device.type} "
+                          f"(drop the flag: each rank then normalises with its own batch's statistics)")
+
+
+def distribute(model: torch.nn.Module, world: World, static_graph: bool = False, sync_batchnorm: bool = False,
+               sharding: Optional[ShardingOptions] = None, scripted: Optional[torch.nn.Module] = None) -> Layout:
     """The layout of `model` over the ranks: FSDP2 with `sharding`, else DDP when distributed,
-    else one process."""
+    else one process. The training step calls `scripted` (--torchscript, the same parameters)
+    when given; checkpoints and evaluation keep the eager `model`. With `sync_batchnorm` (DDP) the
+    BatchNorm layers of `model` are replaced in place by SyncBatchNorm sharing their parameters
+    and statistics (as OpenCLIP does, only when distributed: on one process both are the same)."""
     if sharding is not None:
         return shard(model, world, sharding)
+    forward = scripted if scripted is not None else model
     if not world.distributed:
-        return Layout(model)
-    ddp = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None,
+        return Layout(model, forward)
+    check_layout(world, sync_batchnorm)
+    if sync_batchnorm:
+        if not has_batchnorm(model):
+            logging.info("--use-bn-sync: --model has no BatchNorm layers, nothing to synchronise")
+        forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(forward)  # the same CLIP object, children replaced
+    ddp = DistributedDataParallel(forward, device_ids=[world.device] if world.device.type == "cuda" else None,
                                   static_graph=static_graph)
     return Layout(model, ddp, ddp.no_sync)

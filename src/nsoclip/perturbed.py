@@ -87,6 +87,12 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self._share_base_state()  # torch rebuilds param_groups and state on load
 
     @property
+    def step_stats(self) -> dict:
+        """This step's statistics as they are: losses stay tensors on the device (no sync), so
+        the training loop can average them over its log window and the ranks like the loss."""
+        return dict(self._stats)
+
+    @property
     def last_stats(self) -> dict:
         """Floats for logging, converted only when asked (each conversion syncs a GPU)."""
         stats = {name: float(value) for name, value in self._stats.items()}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .checks import command_line
 from .errors import NsoclipError
 from .layout import tower_of
 from .seeds import group_by_setting, group_label, mean_and_stderr, welch
@@ -289,6 +290,17 @@ def noise_stability(hessian: dict) -> Dict[str, Estimate]:
     return stability
 
 
+def final_weights_loss(run: Run) -> Optional[float]:
+    """L(w) at the checkpoint the Hessian was measured at (nsoclip.hessian's noise_stability
+    records it): unlike the logged training loss, for NSO and SAM too the loss at w itself."""
+    entries = (run.hessian or {}).get("noise_stability")
+    if isinstance(entries, list):
+        for entry in entries:
+            if isinstance(entry, dict) and number(entry.get("loss")) is not None:
+                return number(entry["loss"])
+    return None
+
+
 def top_eigenvalue(hessian: dict) -> Optional[float]:
     raw = hessian.get("top_eigenvalues")
     eigenvalues = [number(v) for v in (raw if isinstance(raw, list) else [raw]) if number(v) is not None]
@@ -436,13 +448,13 @@ def summary_section(runs: Sequence[Run], keys: Sequence[str]) -> List[str]:
     has_val_loss = any(last_result(run, "clip_val_loss") is not None for run in runs)
     matched = compute_matched(runs)
     header = ["Run", *(f"{key[:-len(ZEROSHOT_SUFFIX)]} zero-shot top-1 (last)" for key in keys),
-              "final training loss", *(["clip val loss (last)"] if has_val_loss else []), "wall time per step (s)",
-              "training FLOPs", "compute-matched with"]
+              "final training loss", "loss at the final weights", *(["clip val loss (last)"] if has_val_loss else []),
+              "wall time per step (s)", "training FLOPs", "compute-matched with"]
     rows = []
     for run in runs:
         flops = train_flops(run)
         rows.append([run.name, *(fmt_percent(last_result(run, key)) for key in keys),
-                     fmt(final_loss(run)),
+                     fmt(final_loss(run)), fmt(final_weights_loss(run)),
                      *([fmt(last_result(run, "clip_val_loss"))] if has_val_loss else []),
                      fmt_estimate(step_time(run)), fmt(flops),
                      "n/a" if flops is None else ", ".join(matched[run.name]) or "none"])
@@ -454,7 +466,8 @@ def summary_section(runs: Sequence[Run], keys: Sequence[str]) -> List[str]:
             "Zero-shot accuracy and losses are single evaluations without error bars; the report does not "
             "test their differences between single runs (see Seeds for runs repeated over seeds). The "
             "training loss is the loss each optimizer steps on: for NSO and SAM the mean loss at the "
-            "perturbed weights, not the loss at w. Wall time per step: mean over the logged windows (the "
+            "perturbed weights, not the loss at w. The loss at the final weights is L(w) of the checkpoint on "
+            "the Hessian's batches (from hessian*.json), the same quantity for every optimizer. Wall time per step: mean over the logged windows (the "
             "first left out when three or more) ± standard error. Training FLOPs: cumulative at the last "
             "logged step, measured with torch's FLOP counter (matrix products, convolutions, attention); "
             f"runs of other settings within {100 * COMPUTE_MATCH:g}% of each other's FLOPs are compute-matched.", ""]
@@ -534,6 +547,17 @@ def seed_comparison(what: str, percent: bool, base_label: str, base: Sequence, l
             f"(threshold {scale * result.threshold:.3g}, {result.degrees_of_freedom:.2g} df; {verdict})")
 
 
+def confound_lines(base: Run, run: Run) -> List[str]:
+    """When two runs end at different losses, the flatter one may just be the less trained one."""
+    base_loss, loss = final_weights_loss(base), final_weights_loss(run)
+    if base_loss is None or loss is None or f"{base_loss:.4g}" == f"{loss:.4g}":
+        return []
+    less, more = (run, base) if loss > base_loss else (base, run)
+    return [f"- loss at the final weights: {run.name} {loss:.4g} vs {base.name} {base_loss:.4g}: {less.name} is also "
+            f"less trained than {more.name}. A less-fitted model can be flatter, so the flatness differences "
+            "above do not separate flatness from fit."]
+
+
 def flatness_section(runs: Sequence[Run]) -> List[str]:
     sigmas = sorted({s for run in runs if run.hessian for s in noise_stability(run.hessian)}, key=float)
     header = ["Run", "Hessian trace", *(f"{tower} trace" for tower in TOWERS), "top eigenvalue",
@@ -575,6 +599,7 @@ def comparison_section(runs: Sequence[Run]) -> List[str]:
         pairs += [(f"noise stability (σ={s})", base_stability[s], stability[s])
                   for s in sorted(set(base_stability) & set(stability), key=float)]
         lines += [f"- {compare(what, base.name, a, run.name, b)}" for what, a, b in pairs]
+        lines += confound_lines(base, run)
     return lines + ["", "Wall times per step are not compared: runs that took turns on a shared machine saw "
                         "different load; `python -m nsoclip.bench nso` measures the step-time ratio side by side.", ""]
 
@@ -665,7 +690,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(command_line(argv))
     try:
         report = write_report(args.run_dirs, args.output)
     except ReportError as error:

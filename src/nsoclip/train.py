@@ -29,6 +29,8 @@ from .update import UpdateResult, take_step
 # A GradScaler whose scale fell this low no longer overflows by accident: its skips are real
 # non-finite gradients and count towards --max-nonfinite-steps.
 COLLAPSED_LOSS_SCALE = 1.0
+# Model outputs that are parameters, not one row per sample.
+SCALAR_OUTPUTS = ("logit_scale", "logit_bias")
 
 
 class TrainingError(NsoclipError, RuntimeError):
@@ -57,6 +59,8 @@ class Run:
 
     @property
     def forward_model(self):
+        """What the training step calls (DDP's wrapper, a --torchscript model); checkpoints and
+        evaluation use `model`, whose state_dict has plain open_clip's keys."""
         return self.layout.forward_model
 
 
@@ -128,12 +132,14 @@ def make_closure(run: Run, micro_batches):
             with sync:
                 with autocast(args.precision, run.world.device):
                     out = model(images, texts)
+                    # Per-sample outputs (features; CoCa's caption logits and labels) over the
+                    # whole accumulated batch; the scalar parameters once.
                     features = {
                         key: torch.cat([out[key] if m == j else c[key] for m, c in enumerate(cached)])
-                        for key in ("image_features", "text_features")
+                        for key in out if key not in SCALAR_OUTPUTS
                     }
                     extras = {key: (out[key] if j == last else out[key].detach())
-                              for key in ("logit_scale", "logit_bias") if out.get(key) is not None}
+                              for key in SCALAR_OUTPUTS if out.get(key) is not None}
                     total = loss(**features, **extras)
                 backpropagate(total)
         return total.detach()
@@ -168,6 +174,7 @@ def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0) -> bool:
         track_nonfinite(run, loss, update)
 
         window["loss"].append(loss)
+        window["stats"].append(getattr(run.optimizer, "step_stats", {}))
         window["data_time"] += data_time
         window["step_time"] += time.perf_counter() - tick
         window["steps"] += 1
@@ -184,10 +191,6 @@ def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0) -> bool:
             run.checkpoints.save_step(run, epoch, batches_done)
         tick = time.perf_counter()
     return True
-
-
-def new_window() -> dict:
-    return {"loss": [], "data_time": 0.0, "step_time": 0.0, "steps": 0, "perturbed_steps": 0}
 
 
 def stop_agreed(run: Run) -> bool:
@@ -221,15 +224,35 @@ def track_nonfinite(run: Run, loss: torch.Tensor, update: UpdateResult):
                             "the last good checkpoint is kept")
 
 
+def new_window() -> dict:
+    return {"loss": [], "stats": [], "data_time": 0.0, "step_time": 0.0, "steps": 0, "perturbed_steps": 0}
+
+
+def window_means(window) -> dict:
+    """The loss and every loss the optimizer reports (NSO's perturbed_loss, SAM's clean_loss and
+    perturbed_loss), each averaged over the window's steps and then over all ranks, in one
+    all-reduce (OpenCLIP logs rank 0's last step). Other statistics (sigma, rho) are the last
+    step's, the same on every rank."""
+    per_step = {"loss": window["loss"]}
+    for key, value in window["stats"][-1].items():
+        if isinstance(value, torch.Tensor):
+            per_step[key] = [stats[key] for stats in window["stats"]]
+    means = torch.stack([torch.stack(values).float().mean() for values in per_step.values()])
+    averaged = dict(zip(per_step, all_reduce_mean(means).tolist()))
+    last = {key: float(value) for key, value in window["stats"][-1].items() if key not in averaged}
+    return {"loss": averaged.pop("loss"), **last, **averaged}
+
+
 def log_window(run: Run, window, epoch, step_in_epoch, steps_per_epoch, lr, update, global_batch, data):
-    """Log the loss averaged over the window and over all ranks (OpenCLIP logs rank 0's only),
-    how many of the window's steps were perturbed (NSO, SAM) and the cumulative compute."""
+    """Log the window's metrics: losses averaged over its steps and all ranks (window_means; OpenCLIP
+    logs rank 0's only), times averaged over its steps, grad_norm of its last step (identical on
+    every rank), how many of the window's steps were perturbed (NSO, SAM) and the cumulative compute."""
     world = run.world
-    loss = all_reduce_mean(torch.stack(window["loss"]).float().mean().reshape(1)).item()
+    losses = window_means(window)
     steps = window["steps"]
     step_time = window["step_time"] / steps
     metrics = {
-        "loss": loss,
+        "loss": losses.pop("loss"),
         "lr": lr,
         "scale": full_tensor(unwrap(run.model).logit_scale).exp().item(),
         "grad_norm": update.grad_norm.item(),
@@ -244,7 +267,7 @@ def log_window(run: Run, window, epoch, step_in_epoch, steps_per_epoch, lr, upda
     }
     if run.scaler is not None:
         metrics["fp16_overflow_steps"] = run.overflow_total
-    metrics.update(getattr(run.optimizer, "last_stats", None) or {})
+    metrics.update(losses)
     if data.bad_sample_counts is not None:
         metrics.update({f"bad_samples/{k}": v for k, v in data.bad_sample_counts().items()})
     run.metrics.log_train(metrics, step=run.step, epoch=epoch, progress=(step_in_epoch, steps_per_epoch))

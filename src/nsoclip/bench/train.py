@@ -62,7 +62,7 @@ def nsoclip_epoch_runner(args, name, samples):
     model, preprocess_train, preprocess_val = build_model(name, world.device, args.precision)
     data = nsoclip_data(flags, (preprocess_train, preprocess_val), open_clip.get_tokenizer(name), world)["train"]
     optimizer = create_optimizer(flags, model)
-    run = Run(args=flags, world=world, model=model, layout=Layout(model), loss=create_loss(flags, world),
+    run = Run(args=flags, world=world, model=model, layout=Layout(model), loss=create_loss(flags, world, model),
               optimizer=optimizer, scaler=grad_scaler(args.precision, world.device),
               schedule=LRSchedule(optimizer, flags, data.num_batches), checkpoints=None, metrics=SilentMetrics())
     epochs = iter(range(10 ** 6))

@@ -102,7 +102,14 @@ RUNS = {
     "nso": ["--opt", "nso", "--nso-sigma", "0.02", "--nso-num-perturbs", "2", "--no-nso-two-point",
             "--nso-lam", "0.5", "--nso-distribution", "uniform", "--nso-sigma-schedule", "linear",
             "--nso-sigma-ramp-steps", "4", "--nso-perturb", "weights"],
+    "nso-relative": ["--opt", "nso", "--nso-sigma", "0.05", "--nso-noise-scale", "element", "--nso-noise-eta", "0.02",
+                     "--nso-sigma-groups", "visual=0.1,logit_scale=0", "--nso-every", "2", "--nso-start-step", "1",
+                     "--train-num-samples", "16"],
     "sam": ["--opt", "sam", "--sam-rho", "0.1", "--sam-adaptive", "--sam-ascent", "global"],
+    # FSDP2 on a group of one process: the same run as "base", laid out and checkpointed as on N ranks
+    "fsdp": ["--fsdp", "--fsdp-checkpoint", "sharded", "--fsdp-grad-reduce", "step", "--fsdp-no-reshard-after-forward",
+             "--save-every-n-steps", "1"],
+    "fsdp-offload": ["--fsdp", "--fsdp-offload-cpu"],
     "files": ["--epochs", "2", "--save-most-recent", "--save-every-n-steps", "1",
               "--delete-previous-checkpoint", "--report-to", "tensorboard", "--log-local",
               "--remote-sync", "file://{root}/remote", "--remote-sync-frequency", "60", "--remote-sync-protocol", "fsspec"],
@@ -206,6 +213,13 @@ T: Dict[str, Tuple[str, Callable[[Done, Callable[[str], Done]], bool]]] = {
     "--nso-sigma-schedule": ("nso", lambda d, r: d.metrics[0]["sigma"] < d.metrics[1]["sigma"]),
     "--nso-sigma-ramp-steps": ("nso", lambda d, r: d.params["nso_sigma_ramp_steps"] == "4"),
     "--nso-perturb": ("nso", lambda d, r: d.params["nso_perturb"] == "weights"),
+    # start step 1, every 2nd step after it: steps 1 and 3 of 4 are perturbed
+    "--nso-every": ("nso-relative", lambda d, r: [m["perturbed_steps"] for m in d.metrics] == [0, 1, 0, 1]),
+    "--nso-start-step": ("nso-relative", lambda d, r: "perturbed_loss" not in d.metrics[0]
+                         and "perturbed_loss" in d.metrics[1]),
+    "--nso-noise-scale": ("nso-relative", lambda d, r: d.params["nso_noise_scale"] == "element"),  # rule: test_nso
+    "--nso-noise-eta": ("nso-relative", lambda d, r: d.params["nso_noise_eta"] == "0.02"),
+    "--nso-sigma-groups": ("nso-relative", lambda d, r: d.params["nso_sigma_groups"] == "visual=0.1,logit_scale=0"),
     "--sam-rho": ("sam", lambda d, r: d.metrics[0]["rho"] == 0.1),
     "--sam-adaptive": ("sam", lambda d, r: d.params["sam_adaptive"] == "True"),
     "--sam-ascent": ("sam", lambda d, r: d.params["sam_ascent"] == "global"),
@@ -239,6 +253,12 @@ T: Dict[str, Tuple[str, Callable[[Done, Callable[[str], Done]], bool]]] = {
     "--dist-timeout": ("same-loss", lambda d, r: d.params["dist_timeout"] == "5.0"),
     "--no-set-device-rank": ("same-loss", lambda d, r: d.params["no_set_device_rank"] == "True"),
     "--seed": ("seed", lambda d, r: d.losses[0] != pytest.approx(r("base").losses[0])),
+    # sharded training (2 ranks against DDP and one process: test_fsdp)
+    "--fsdp": ("fsdp", lambda d, r: d.losses == pytest.approx(r("base").losses, **TOLERANCE)),
+    "--fsdp-checkpoint": ("fsdp", lambda d, r: "Saved sharded step checkpoint" in d.log()),
+    "--fsdp-grad-reduce": ("fsdp", lambda d, r: d.params["fsdp_grad_reduce"] == "step"),
+    "--fsdp-no-reshard-after-forward": ("fsdp", lambda d, r: d.params["fsdp_no_reshard_after_forward"] == "True"),
+    "--fsdp-offload-cpu": ("fsdp-offload", lambda d, r: d.losses == pytest.approx(r("base").losses, **TOLERANCE)),
     "--use-bn-sync": ("rn", lambda d, r: d.params["use_bn_sync"] == "True"),  # 2 GPUs: test_openclip_parity
     # evaluation
     "--imagenet-val": ("imagenet", lambda d, r: "Zero-shot set imagenet: 1000 classes, 1 images" in d.log()),

@@ -45,6 +45,8 @@ OPTIMIZERS = {
     "adamw": ["--grad-checkpointing"],
     "nso": ["--opt", "nso", "--nso-sigma", "0.01", "--accum-freq", "2", "--grad-clip-norm", "1.0"],
     "sam": ["--opt", "sam", "--sam-ascent", "global", "--sam-rho", "0.05", "--lock-image"],
+    # Noise relative to w: rows of a dim-0 shard are whole, 1-d tensors need the norm over shards.
+    "nso-filter": ["--opt", "nso", "--nso-sigma", "0.05", "--nso-noise-scale", "filter"],
 }
 # Counted on their own (no accumulation or recomputation, whose extra passes the counts would mix in).
 COUNTED = {"adamw": [], "nso": ["--opt", "nso"], "nso-step": ["--opt", "nso", "--fsdp-grad-reduce", "step"],
@@ -257,9 +259,10 @@ def test_perturbed_weights_are_identical_in_every_layout(layouts, optimizer):
     """The weights each pass of the first step runs at, gathered whole inside the closure: bit for
     bit the same on both FSDP2 ranks, both DDP ranks and the single process, including tensors
     whose first dimension does not split evenly over 2 ranks. (SAM's ascent point follows the
-    all-reduced gradient, whose rounding depends on the reduction: equal within float error.)"""
+    all-reduced gradient, whose rounding depends on the reduction, and filter noise of a 1-d tensor
+    follows its norm, summed over the shards: equal within float error.)"""
     reference = layouts["single"][optimizer]["passes"]
-    assert len(reference) == {"adamw": 1, "nso": 2, "sam": 2}[optimizer]
+    assert len(reference) == {"adamw": 1, "nso": 2, "sam": 2, "nso-filter": 2}[optimizer]
     for rank in layouts["ranks"]:
         for kind in ("fsdp", "ddp"):
             passes = rank[kind][optimizer]["passes"]
@@ -267,7 +270,7 @@ def test_perturbed_weights_are_identical_in_every_layout(layouts, optimizer):
             for number, (got, want) in enumerate(zip(passes, reference)):
                 for key in want:
                     value = got[key].reshape(want[key].shape)
-                    if optimizer == "sam" and number == 1:
+                    if (optimizer == "sam" and number == 1) or optimizer == "nso-filter":
                         torch.testing.assert_close(value, want[key], atol=1e-7, rtol=0, msg=f"{kind} {key}")
                     else:
                         assert torch.equal(value, want[key]), (kind, number, key)

@@ -25,6 +25,7 @@ from helpers import (TINY, assert_same_weights, finish, init_gloo, launch, read,
 from nsoclip.bench.fsdp import CollectiveCounter, unit_sizes
 from nsoclip.checkpoint import CheckpointError, Checkpointer, latest_checkpoint
 from nsoclip.classification import zero_shot_sets
+from nsoclip.compute import ComputeMeter
 from nsoclip.data import get_data
 from nsoclip.distributed import World
 from nsoclip.evaluate import evaluate
@@ -397,7 +398,7 @@ def test_kill9_of_one_rank_resumes_from_a_sharded_checkpoint_bit_identically(tmp
 
 @pytest.mark.parametrize("extra,message", [
     (["--fsdp", "--ddp-static-graph"], "--ddp-static-graph is a DDP setting"),
-    (["--fsdp"], "--precision amp with --fsdp: use fp32, amp_bf16, amp_bfloat16, pure_bf16"),
+    (["--fsdp", "--precision", "amp"], "--precision amp with --fsdp: use fp32, amp_bf16, amp_bfloat16, pure_bf16"),
     (["--fsdp", "--precision", "fp32", "--opt", "sam"], "--sam-ascent local needs every rank to hold the whole model"),
     (["--fsdp", "--precision", "fp32", "--hessian-frequency", "1"], "--hessian-frequency with --fsdp"),
     (["--fsdp", "--precision", "fp32", "--torchscript"], "--torchscript with --fsdp"),
@@ -419,7 +420,8 @@ def small_run(args, seed):
     for p in model.parameters():  # some optimizer state to save
         optimizer.state[p] = {"step": torch.tensor(float(seed)), "exp_avg": torch.full_like(p, seed),
                               "exp_avg_sq": torch.full_like(p, seed + 1)}
-    return SimpleNamespace(model=model, layout=layout, optimizer=optimizer, step=0, scaler=None, nonfinite_total=seed)
+    return SimpleNamespace(model=model, layout=layout, optimizer=optimizer, step=0, scaler=None, nonfinite_total=seed,
+                           compute=ComputeMeter())
 
 
 def test_sharded_checkpoint_folders_incomplete_or_unsafe_are_never_resumed(tmp_path, caplog):

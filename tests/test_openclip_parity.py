@@ -27,11 +27,12 @@ from nsoclip import hessian, main, report, shards, zeroshot
 from nsoclip.checkpoint import Checkpointer
 from nsoclip.checks import command_line
 from nsoclip.classification import IMAGENET_V2_FOLDER, zero_shot_sets
+from nsoclip.compute import ComputeMeter
 from nsoclip.data import get_data
 from nsoclip.distributed import World
 from nsoclip.loader import first_batches
 from nsoclip.model import create_model_and_transforms, resolve_model_name
-from nsoclip.parallel import LayoutError, check_layout
+from nsoclip.parallel import Layout, LayoutError, check_layout
 from nsoclip.params import Parser, add_eval_args, parse_args
 from nsoclip.precision import default_precision
 from nsoclip.rng import seed_everything
@@ -161,8 +162,8 @@ def test_save_frequency_zero_still_saves_the_final_checkpoint_and_delete_previou
     OpenCLIP removes epoch_{N-1}.pt after every epoch, so with --save-frequency 2 it leaves no
     epoch checkpoint after odd epochs (README flag table: ours deliberately differs)."""
     model = torch.nn.Linear(2, 2)
-    run = SimpleNamespace(step=0, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=None,
-                          nonfinite_total=0)
+    run = SimpleNamespace(step=0, model=model, layout=Layout(model), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                          scaler=None, nonfinite_total=0, compute=ComputeMeter())
 
     def kept(frequency, delete, epochs):
         folder = tmp_path / f"{frequency}-{delete}"

@@ -320,7 +320,8 @@ class NSO(PerturbedOptimizer):
     @torch.no_grad()
     def _reflect_through_snapshot(self, params) -> None:
         """(w + e) -> w - e, as (w + e) + 2 (w - (w + e)): no second draw, no noise buffer."""
-        torch._foreach_lerp_(params, self._snapshot, 2.0)
+        if params:  # none when every sigma is 0
+            torch._foreach_lerp_(params, self._snapshot, 2.0)
 
     def step(self, closure, *, grad_scaler=None, max_grad_norm: Optional[float] = None) -> torch.Tensor:
         if closure is None:

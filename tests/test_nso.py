@@ -3,17 +3,20 @@ one all-reduce), the noise stream (seeded, rank-identical, resumable) and AMP ha
 import io
 import math
 import os
+from argparse import Namespace
 
 import open_clip
 import pytest
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from helpers import (count_all_reduces, flat, gradient_at, init_gloo, mlp, mlp_batch, mlp_loss, recording_closure,
                      run_ranks)
-from nsoclip.model import resolve_model_name
+from nsoclip.model import compile_model, resolve_model_name
 from nsoclip.nso import NSO
+from nsoclip.parallel import unwrap
 from nsoclip.rng import derive_seed
 
 
@@ -390,8 +393,39 @@ def clip_world_worker(rank, world_size, port, config, initial, data, out_dir):
     heavy.step(micro_batch_closure)
     counts["nested_no_sync"] = all_reduces[0] - before
     result["variant_all_reduces"] = counts
+    result.update(compiled_ddp_steps(rank, world_size, config, initial, images, texts, loss_fn))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def compiled_ddp_steps(rank, world_size, config, initial, images, texts, loss_fn) -> dict:
+    """The same NSO steps from the same start through --torchcompile's module, torch.compile(DDP)
+    (OpenCLIP's order; aot_eager is bitwise equal to eager), counting all-reduces and asserting
+    that no step after the first recompiles."""
+    model = open_clip.create_model(resolve_model_name(config), output_dict=True)
+    model.load_state_dict(torch.load(initial, weights_only=True))
+    ddp_model = DDP(model)
+    all_reduces = count_all_reduces(ddp_model)
+    compiled = compile_model(ddp_model, Namespace(torchcompile=True, torchcompile_backend="aot_eager",
+                                                  torchcompile_mode=None, grad_checkpointing=False))
+    assert unwrap(compiled) is model and unwrap(DDP(torch.compile(model))) is model
+    opt = clip_nso(model.parameters(), ddp_model)
+
+    def closure():
+        loss = loss_fn(**compiled(images, texts))
+        loss.backward()
+        return loss
+
+    per_step = []
+    for step in range(CLIP_STEPS):
+        before = all_reduces[0]
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            opt.step(closure)
+        per_step.append(all_reduces[0] - before)
+    result = {"compiled_all_reduces": per_step, "compiled_graphs": counters["stats"]["unique_graphs"]}
+    if rank == 0:
+        result["compiled_state_dict"] = {k: v.clone() for k, v in model.state_dict().items()}
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -438,6 +472,16 @@ def test_exactly_one_gradient_all_reduce_per_step(clip_two_ranks):
     for rank in clip_two_ranks["ranks"]:
         assert rank["nso_all_reduces"] == [1] * CLIP_STEPS
         assert rank["variant_all_reduces"] == {"lam0.5_k2": 1, "nested_no_sync": 1}
+
+
+@pytest.mark.slow
+def test_compiled_ddp_equals_eager_ddp_with_one_all_reduce_per_step(clip_two_ranks):
+    for rank in clip_two_ranks["ranks"]:
+        assert rank["compiled_all_reduces"] == [1] * CLIP_STEPS
+        assert rank["compiled_graphs"] >= 1
+    eager, compiled = (clip_two_ranks["ranks"][0][key] for key in ("state_dict", "compiled_state_dict"))
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 @pytest.mark.slow

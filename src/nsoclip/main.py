@@ -22,7 +22,7 @@ from .evaluate import evaluate, write_results
 from .loader import first_batches
 from .logger import MetricsLogger, setup_logging
 from .loss import contrastive_loss_fn, create_loss
-from .model import create_model_and_transforms, prepare_for_training
+from .model import compile_model, create_model_and_transforms, prepare_for_training
 from .optim import create_optimizer
 from .parallel import distribute
 from .params import UsageError, parse_args
@@ -141,11 +141,13 @@ def train(args) -> bool:
     logging.info("Run %s on %d process(es), device %s", run_dir, world.world_size, world.device)
     checkpoints.remove_partial_writes()
     ddp_model = distribute(model, world, args.ddp_static_graph)
+    compiled_model = compile_model(ddp_model if ddp_model is not None else model, args)
     optimizer = create_optimizer(args, model, ddp_model)
     metrics = MetricsLogger(run_dir, world.is_master, tensorboard="tensorboard" in args.report_to)
     run = Run(args=args, world=world, model=model, ddp_model=ddp_model, loss=create_loss(args, world),
               optimizer=optimizer, scaler=grad_scaler(args.precision, world.device),
-              schedule=LRSchedule(optimizer, args, steps_per_epoch), checkpoints=checkpoints, metrics=metrics)
+              schedule=LRSchedule(optimizer, args, steps_per_epoch), checkpoints=checkpoints, metrics=metrics,
+              compiled_model=compiled_model)
     try:
         if "train" not in data:
             evaluate_and_record(run, data, sets, tokenizer, preprocess_val, 0, run_dir, True)

@@ -1,14 +1,23 @@
 """Model creation: an OpenCLIP model name or a path to a model-config JSON in OpenCLIP's format,
-optional weights from our checkpoints or OpenCLIP's, and OpenCLIP's tower locking."""
+optional weights from our checkpoints or OpenCLIP's, OpenCLIP's tower locking, and torch.compile
+of the module the training step calls (--torchcompile)."""
+import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import open_clip
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_model_weights
 from .errors import NsoclipError
+
+
+# torch.compile's modes (inductor's; the other backends take none).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEFAULT_COMPILE_BACKEND = "inductor"
 
 
 class ModelError(NsoclipError, ValueError):
@@ -86,3 +95,34 @@ def prepare_for_training(model: torch.nn.Module, args) -> None:
                               freeze_layer_norm=args.lock_text_freeze_layer_norm)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
+
+
+def compile_backend(name: str) -> str:
+    """argparse type of --torchcompile-backend: a backend torch.compile knows, so a typo fails at
+    parse time rather than at the first step."""
+    known = torch.compiler.list_backends(exclude_tags=())
+    if name not in known:
+        common = [b for b in ("inductor", "aot_eager", "eager", "cudagraphs") if b in known]
+        raise argparse.ArgumentTypeError(f"{name!r}: must be a torch.compile backend ({', '.join(common)}, ...; "
+                                         "see torch.compiler.list_backends())")
+    return name
+
+
+def compile_model(module: torch.nn.Module, args) -> Optional[torch.nn.Module]:
+    """torch.compile of the module the training closure calls (--torchcompile), or None.
+
+    Given the DDP wrapper when there is one, as OpenCLIP: dynamo then splits the graph at DDP's
+    bucket boundaries so all-reduces overlap the backward. Call it after tower locking and
+    gradient checkpointing, which the graphs bake in. The bare model stays uncompiled: it is what
+    checkpoints save, evaluation runs and the Hessian differentiates twice (aot_autograd has no
+    double backward). NSO's and SAM's in-place perturbations change no guard, so no step after
+    the first recompiles."""
+    if not args.torchcompile:
+        return None
+    if isinstance(module, DistributedDataParallel) and args.grad_checkpointing:
+        # As OpenCLIP, whose users saw compile + checkpointing break (OpenCLIP issue 726): no
+        # graph split at DDP's buckets, which costs only the overlap of all-reduce and backward.
+        torch._dynamo.config.optimize_ddp = False
+    backend = args.torchcompile_backend or DEFAULT_COMPILE_BACKEND
+    logging.info("Compiling the model (torch.compile, backend %s, mode %s)", backend, args.torchcompile_mode or "default")
+    return torch.compile(module, backend=backend, mode=args.torchcompile_mode)

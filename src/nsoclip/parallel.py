@@ -4,14 +4,18 @@ layer for the module to call and for the bare open_clip model; they never branch
 from typing import Optional
 
 import torch
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import World
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare open_clip model inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The bare open_clip model inside DDP's wrapper (`.module`) and torch.compile's (`_orig_mod`,
+    which also prefixes parameter names), nested in either order; or the model itself."""
+    while isinstance(model, (DistributedDataParallel, OptimizedModule)):
+        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
+    return model
 
 
 def distribute(model: torch.nn.Module, world: World, static_graph: bool = False) -> Optional[DistributedDataParallel]:

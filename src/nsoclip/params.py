@@ -8,6 +8,7 @@ import sys
 from . import curvature, nso, sam
 from .checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from .errors import NsoclipError
+from .model import COMPILE_MODES, DEFAULT_COMPILE_BACKEND, compile_backend
 from .optim import OPTIMIZERS
 from .precision import PRECISIONS
 from .spectral import HUTCHINSON_BLOCK
@@ -22,7 +23,6 @@ UNSUPPORTED = {
     "--horovod": "Horovod is not supported; launch with torchrun or srun (torch.distributed)",
     "--torchscript": "TorchScript export is not supported",
     "--trace": "model tracing is not supported",
-    "--torchcompile": "torch.compile is not supported by the NSO/SAM step yet",
     "--remote-sync": "remote sync is not supported; write --logs to shared storage",
     "--remote-sync-frequency": "remote sync is not supported; write --logs to shared storage",
     "--remote-sync-protocol": "remote sync is not supported; write --logs to shared storage",
@@ -101,6 +101,17 @@ def add_model_args(parser):
                             "(requires --gather-with-grad).")
     group.add_argument("--gather-with-grad", action="store_true", default=False,
                        help="All-gather features with gradient (exact distributed contrastive loss).")
+
+
+def add_compile_args(parser):
+    group = parser.add_argument_group("compile")
+    group.add_argument("--torchcompile", action="store_true", default=False,
+                       help="torch.compile the model the training step calls (every --opt; the saved, "
+                            "evaluated and Hessian model stays uncompiled).")
+    group.add_argument("--torchcompile-backend", type=compile_backend, default=None,
+                       help=f"torch.compile backend, e.g. inductor or aot_eager (default: {DEFAULT_COMPILE_BACKEND}).")
+    group.add_argument("--torchcompile-mode", choices=COMPILE_MODES, default=None,
+                       help="torch.compile mode of the inductor backend (default: default).")
 
 
 def add_distributed_args(parser):
@@ -286,6 +297,7 @@ def build_parser():
     add_data_args(parser)
     add_model_args(parser)
     add_training_args(parser)
+    add_compile_args(parser)
     add_distributed_args(parser)
     add_eval_args(parser)
     add_hessian_args(parser)
@@ -318,6 +330,7 @@ def validate(args):
     if args.nso_sigma_schedule != "constant" and args.nso_sigma_ramp_steps == 0:
         raise UsageError(f"--nso-sigma-schedule {args.nso_sigma_schedule} needs --nso-sigma-ramp-steps > 0")
     validate_hessian(args)
+    validate_compile(args)
     if args.lr_scheduler == "const-cooldown" and args.epochs_cooldown is None:
         raise UsageError("--lr-scheduler const-cooldown needs --epochs-cooldown")
     if args.epochs_cooldown is not None and not 0 <= args.epochs_cooldown < args.epochs:
@@ -337,3 +350,15 @@ def validate_hessian(args):
     """The cross-flag rule of the --hessian-* flags, shared by training and nsoclip-hessian."""
     if args.hessian_top_k > args.hessian_max_iter:
         raise UsageError(f"--hessian-max-iter {args.hessian_max_iter}: must be >= --hessian-top-k")
+
+
+def validate_compile(args):
+    """The cross-flag rules of the --torchcompile-* flags, shared by training and nsoclip-hessian."""
+    for flag, value in (("--torchcompile-backend", args.torchcompile_backend),
+                        ("--torchcompile-mode", args.torchcompile_mode)):
+        if value is not None and not args.torchcompile:
+            raise UsageError(f"{flag} {value} needs --torchcompile")
+    backend = args.torchcompile_backend or DEFAULT_COMPILE_BACKEND
+    if args.torchcompile_mode not in (None, "default") and backend != "inductor":
+        raise UsageError(f"--torchcompile-mode {args.torchcompile_mode}: a mode of the inductor backend, "
+                         f"which --torchcompile-backend {backend} would ignore")

@@ -46,6 +46,7 @@ class Run:
     schedule: LRSchedule
     checkpoints: Checkpointer
     metrics: MetricsLogger
+    compiled_model: Optional[torch.nn.Module] = None  # torch.compile of ddp_model or model (--torchcompile)
     step: int = 0
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
@@ -54,6 +55,9 @@ class Run:
 
     @property
     def forward_model(self):
+        """The module the closure calls: compiled, else the DDP wrapper, else the bare model."""
+        if self.compiled_model is not None:
+            return self.compiled_model
         return self.ddp_model if self.ddp_model is not None else self.model
 
 

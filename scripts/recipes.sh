@@ -68,7 +68,7 @@ train_flags() {
     require_env LOGS "<folder for run folders, on storage every node sees>"
     require_count TRAIN_NUM_SAMPLES
 
-    local recipe=${RECIPE:-adamw} model=${MODEL:-ViT-S-16}
+    local recipe=${RECIPE:-adamw} model=${MODEL:-ViT-S-16} precision=${PRECISION:-amp}
     local sigma=${NSO_SIGMA:-0.01} rho=${SAM_RHO:-0.05} epochs=30 tag
     local nso=(--opt nso --nso-sigma "$sigma" --nso-num-perturbs 1 --nso-two-point --nso-lam 0)
     local optimizer
@@ -79,7 +79,12 @@ train_flags() {
         # spends the same compute as the AdamW baseline.
         nso-compute-matched) optimizer=("${nso[@]}") tag="-sigma$sigma" epochs=15 ;;
         sam) optimizer=(--opt sam --sam-rho "$rho") tag="-rho$rho" ;;
-        *) die "RECIPE=$recipe: choose adamw, nso, nso-compute-matched or sam" ;;
+        # A model too large for DDP's whole copy per GPU: parameters, gradients, AdamW state and
+        # NSO's snapshot sharded over all ranks (FSDP2), bf16 compute, sharded step checkpoints.
+        nso-fsdp)
+            optimizer=("${nso[@]}" --fsdp --fsdp-checkpoint sharded --grad-checkpointing) tag="-sigma$sigma"
+            model=${MODEL:-ViT-H-14} precision=${PRECISION:-amp_bf16} ;;
+        *) die "RECIPE=$recipe: choose adamw, nso, nso-compute-matched, sam or nso-fsdp" ;;
     esac
     local model_tag=${model##*/}
     RUN_NAME=${NAME:-$recipe-${model_tag%.json}$tag}
@@ -87,7 +92,7 @@ train_flags() {
     TRAIN_FLAGS=(
         --train-data "$TRAIN_DATA" --train-num-samples "$TRAIN_NUM_SAMPLES" --dataset-type webdataset
         --model "$model" --batch-size "${BATCH_SIZE:-128}" --workers "${WORKERS:-8}"
-        --precision "${PRECISION:-amp}" --local-loss --gather-with-grad
+        --precision "$precision" --local-loss --gather-with-grad
         --lr 1e-3 --wd 0.1 --warmup 10000 --epochs "$epochs" "${optimizer[@]}"
         --seed "${SEED:-0}" --logs "$LOGS" --name "$RUN_NAME" --resume latest
         --report-to tensorboard --save-frequency 1 --save-most-recent

@@ -4,6 +4,7 @@
 #
 #   RECIPE=nso NSO_SIGMA=0.01 TRAIN_DATA='/data/cc3m/{00000..00331}.tar' TRAIN_NUM_SAMPLES=2905954 \
 #   LOGS=/shared/logs sbatch --nodes=4 scripts/slurm_train.sh [extra nsoclip.main flags]
+#   RECIPE=nso-fsdp ... sbatch --nodes=8 scripts/slurm_train.sh   # ViT-H-14 NSO sharded over all GPUs (FSDP2)
 #   DRY_RUN=1 RECIPE=... bash scripts/slurm_train.sh     # print the srun command, run nothing
 #
 # Keep --ntasks-per-node equal to --gpus-per-node when overriding them on the sbatch command line.

@@ -6,6 +6,7 @@
 #   RECIPE=nso TRAIN_DATA='/data/cc3m/{00000..00331}.tar' TRAIN_NUM_SAMPLES=2905954 LOGS=./logs \
 #   bash scripts/torchrun_train.sh [extra nsoclip.main flags]
 #   NNODES=2 RDZV_ENDPOINT=node0:29400 ... bash scripts/torchrun_train.sh     # on each node
+#   RECIPE=nso-fsdp MAX_RESTARTS=3 ... bash scripts/torchrun_train.sh   # ViT-H-14 NSO sharded over the GPUs (FSDP2)
 #   bash scripts/torchrun_train.sh --dry-run     # (or DRY_RUN=1) print the command, run nothing
 set -euo pipefail
 

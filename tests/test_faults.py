@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from helpers import (CONFIGS, REPO, assert_same_weights, cpu_env, in_process, python_command, read_jsonl, run_cli,
-                     run_ranks, weights)
+from helpers import (CONFIGS, REPO, assert_same_weights, cpu_env, finish, in_process, launch, read,
+                     run_cli, run_ranks, trained_a_step, wait_until, weights, workers_of)
 
 from nsoclip.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, save_checkpoint
 from nsoclip.distributed import World
@@ -27,7 +27,6 @@ from nsoclip.main import STOPPED_ON_REQUEST, main
 from nsoclip.update import apply_update
 
 TINY = str(CONFIGS / "tiny-vit.json")
-DEADLINE = 180  # seconds any one launched job may take before the test fails
 
 
 def flags(config, logs, name, *extra, batch, samples=64, epochs=3):
@@ -38,55 +37,6 @@ def flags(config, logs, name, *extra, batch, samples=64, epochs=3):
             "--batch-size", batch, "--epochs", epochs, "--workers", 0, "--device", "cpu", "--precision", "fp32",
             "--logs", logs, "--name", name, "--warmup", 2, "--lr-scheduler", "const", "--log-every-n-steps", 1,
             "--seed", 3, "--local-loss", "--gather-with-grad", *extra]
-
-
-def launch(args, logfile: Path, nproc=1, torchrun_flags=()):
-    """Start a run in its own session (so the test can signal it alone) with output in logfile.
-
-    torchrun gets the c10d rendezvous (--standalone): with the static one (--master_port alone)
-    a restarted group reuses the first attempt's store keys and gloo can hang connecting."""
-    command = python_command("nsoclip.main", args, nproc, torchrun_flags=["--standalone", *torchrun_flags])
-    with open(logfile, "w") as out:
-        return subprocess.Popen(command, env=cpu_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def wait_until(condition, process, what: str, timeout=DEADLINE, poll=0.02):
-    deadline = time.time() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended (exit {process.returncode}) before {what}")
-        if time.time() > deadline:
-            process.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)
-
-
-def finish(process, timeout=DEADLINE) -> int:
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-
-
-def trained_a_step(run_dir: Path):
-    return lambda: bool(read_jsonl(run_dir / "metrics.jsonl"))
-
-
-def read(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
-
-
-def workers_of(agent_pid: int):
-    """The torchrun agent's children, by rank (read from each one's environment)."""
-    workers = {}
-    for pid in map(int, subprocess.run(["ps", "--ppid", str(agent_pid), "-o", "pid="], capture_output=True,
-                                       text=True).stdout.split()):
-        environ = dict(item.split("=", 1) for item in
-                       Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
-        workers[int(environ["RANK"])] = pid
-    return workers
 
 
 def train_here(args) -> int:

@@ -3,7 +3,6 @@ one all-reduce), the noise stream (seeded, rank-identical, resumable) and AMP ha
 import io
 import math
 import os
-from argparse import Namespace
 
 import open_clip
 import pytest
@@ -14,9 +13,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from helpers import (count_all_reduces, flat, gradient_at, init_gloo, mlp, mlp_batch, mlp_loss, recording_closure,
                      run_ranks)
-from nsoclip.model import compile_model, resolve_model_name
+from nsoclip.distributed import World
+from nsoclip.model import resolve_model_name
 from nsoclip.nso import NSO
-from nsoclip.parallel import unwrap
+from nsoclip.parallel import distribute, unwrap
 from nsoclip.rng import derive_seed
 
 
@@ -399,20 +399,20 @@ def clip_world_worker(rank, world_size, port, config, initial, data, out_dir):
 
 
 def compiled_ddp_steps(rank, world_size, config, initial, images, texts, loss_fn) -> dict:
-    """The same NSO steps from the same start through --torchcompile's module, torch.compile(DDP)
+    """The same NSO steps from the same start through --torchcompile's layout, torch.compile(DDP)
     (OpenCLIP's order; aot_eager is bitwise equal to eager), counting all-reduces and asserting
     that no step after the first recompiles."""
     model = open_clip.create_model(resolve_model_name(config), output_dict=True)
     model.load_state_dict(torch.load(initial, weights_only=True))
-    ddp_model = DDP(model)
+    layout = distribute(model, World(rank=rank, world_size=world_size), compile=dict(backend="aot_eager", mode=None))
+    ddp_model = layout.forward_model._orig_mod
+    assert isinstance(ddp_model, DDP) and unwrap(layout.forward_model) is model
+    assert unwrap(DDP(torch.compile(model))) is model
     all_reduces = count_all_reduces(ddp_model)
-    compiled = compile_model(ddp_model, Namespace(torchcompile=True, torchcompile_backend="aot_eager",
-                                                  torchcompile_mode=None, grad_checkpointing=False))
-    assert unwrap(compiled) is model and unwrap(DDP(torch.compile(model))) is model
-    opt = clip_nso(model.parameters(), ddp_model)
+    opt = clip_nso(model.parameters(), layout)
 
     def closure():
-        loss = loss_fn(**compiled(images, texts))
+        loss = loss_fn(**layout.forward_model(images, texts))
         loss.backward()
         return loss
 

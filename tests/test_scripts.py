@@ -130,6 +130,21 @@ def test_training_recipes_parse(tmp_path, script, recipe, expected):
         assert parsed.training_script_args == flags
 
 
+@pytest.mark.parametrize("script", TRAIN_SCRIPTS)
+def test_fsdp_recipe_parses(tmp_path, script):
+    """ViT-H-14 NSO sharded over all ranks: FSDP2, bf16 autocast (fp16 loss scaling is not
+    sharded), recomputed activations, sharded step checkpoints; MODEL and PRECISION still win."""
+    _, words = dry_run(script, script_env(tmp_path, RECIPE="nso-fsdp"))
+    args = parse_args(module_args(words, "nsoclip.main")[1])
+    assert (args.model, args.opt, args.nso_sigma, args.epochs) == ("ViT-H-14", "nso", 0.01, 30)
+    assert args.fsdp and args.fsdp_checkpoint == "sharded" and args.grad_checkpointing
+    assert args.precision == "amp_bf16" and args.local_loss and args.gather_with_grad and args.resume == "latest"
+    assert args.name == "nso-fsdp-ViT-H-14-sigma0.01"
+    _, words = dry_run(script, script_env(tmp_path, RECIPE="nso-fsdp", MODEL="ViT-g-14", PRECISION="pure_bf16"))
+    args = parse_args(module_args(words, "nsoclip.main")[1])
+    assert (args.model, args.precision, args.name) == ("ViT-g-14", "pure_bf16", "nso-fsdp-ViT-g-14-sigma0.01")
+
+
 def test_extra_flags_and_optional_data_pass_through(tmp_path):
     env = script_env(tmp_path, RECIPE="nso", VAL_DATA="/val/{0..1}.tar", VAL_NUM_SAMPLES="500",
                      IMAGENET_VAL="/imagenet/val", NAME="my-run", BATCH_SIZE="64", PRECISION="amp_bf16")
@@ -171,7 +186,7 @@ def test_unset_variable_is_one_clear_line(tmp_path, unset, script):
 
 
 @pytest.mark.parametrize("variable,value,message", [
-    ("RECIPE", "adam", "RECIPE=adam: choose adamw, nso, nso-compute-matched or sam"),
+    ("RECIPE", "adam", "RECIPE=adam: choose adamw, nso, nso-compute-matched, sam or nso-fsdp"),
     ("TRAIN_NUM_SAMPLES", "1e6", "TRAIN_NUM_SAMPLES=1e6: must be a positive integer"),
 ])
 def test_bad_variable_is_one_clear_line(tmp_path, variable, value, message):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, checkpoint_paths
 from .classification import zero_shot_sets
 from .cli import run_command
 from .curvature import hessian_metrics
@@ -22,9 +22,9 @@ from .evaluate import evaluate, write_results
 from .loader import first_batches
 from .logger import MetricsLogger, setup_logging
 from .loss import contrastive_loss_fn, create_loss
-from .model import compile_model, create_model_and_transforms, prepare_for_training
+from .model import compile_options, create_model_and_transforms, prepare_for_training
 from .optim import create_optimizer
-from .parallel import distribute
+from .parallel import ShardingOptions, distribute
 from .params import UsageError, parse_args
 from .precision import grad_scaler
 from .rng import seed_everything
@@ -58,7 +58,7 @@ def claim_run_dir(args, run_dir: Path, world) -> None:
     every rank follows, so no rank is left waiting."""
     refusal = None
     if world.is_master:
-        checkpoints = [path for path in (run_dir / "checkpoints").glob("*.pt") if path.is_file()]
+        checkpoints = checkpoint_paths(run_dir / "checkpoints")
         if checkpoints and not args.resume:
             refusal = (f"run folder {run_dir} already exists: pass --resume latest to continue it, "
                        "or choose another --name")
@@ -98,15 +98,25 @@ def evaluate_and_record(run, data, sets, tokenizer, preprocess_val, completed_ep
     barrier()
     metrics = {}
     if zero_shot_due or val_due:
-        metrics.update(evaluate(run.model, args, run.world, tokenizer, preprocess_val,
-                                val_data=data.get("val") if val_due else None, epoch=completed_epochs,
-                                sets=sets if zero_shot_due else []))
+        with run.layout.evaluation():
+            metrics.update(evaluate(run.model, args, run.world, tokenizer, preprocess_val,
+                                    val_data=data.get("val") if val_due else None, epoch=completed_epochs,
+                                    sets=sets if zero_shot_due else []))
     if hessian_due:
         batches = first_batches(data["train"], args.hessian_num_batches, run.world.device, args.precision)
         metrics.update(hessian_metrics(run.model, contrastive_loss_fn(run.loss), batches, args))
     barrier()
     if metrics:
         write_results(metrics, run_dir, completed_epochs, run.step, run.metrics.writer)
+
+
+def sharding_options(args):
+    """The --fsdp-* flags, or None without --fsdp."""
+    if not args.fsdp:
+        return None
+    return ShardingOptions(precision=args.precision, offload_cpu=args.fsdp_offload_cpu,
+                           reshard_after_forward=not args.fsdp_no_reshard_after_forward,
+                           grad_reduce=args.fsdp_grad_reduce)
 
 
 def train(args) -> bool:
@@ -140,14 +150,12 @@ def train(args) -> bool:
         write_params(args, run_dir)
     logging.info("Run %s on %d process(es), device %s", run_dir, world.world_size, world.device)
     checkpoints.remove_partial_writes()
-    ddp_model = distribute(model, world, args.ddp_static_graph)
-    compiled_model = compile_model(ddp_model if ddp_model is not None else model, args)
-    optimizer = create_optimizer(args, model, ddp_model)
+    layout = distribute(model, world, args.ddp_static_graph, sharding_options(args), compile_options(args))
+    optimizer = create_optimizer(args, model, layout)
     metrics = MetricsLogger(run_dir, world.is_master, tensorboard="tensorboard" in args.report_to)
-    run = Run(args=args, world=world, model=model, ddp_model=ddp_model, loss=create_loss(args, world),
+    run = Run(args=args, world=world, model=model, layout=layout, loss=create_loss(args, world),
               optimizer=optimizer, scaler=grad_scaler(args.precision, world.device),
-              schedule=LRSchedule(optimizer, args, steps_per_epoch), checkpoints=checkpoints, metrics=metrics,
-              compiled_model=compiled_model)
+              schedule=LRSchedule(optimizer, args, steps_per_epoch), checkpoints=checkpoints, metrics=metrics)
     try:
         if "train" not in data:
             evaluate_and_record(run, data, sets, tokenizer, preprocess_val, 0, run_dir, True)

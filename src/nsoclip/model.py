@@ -1,6 +1,6 @@
 """Model creation: an OpenCLIP model name or a path to a model-config JSON in OpenCLIP's format,
-optional weights from our checkpoints or OpenCLIP's, OpenCLIP's tower locking, and torch.compile
-of the module the training step calls (--torchcompile)."""
+optional weights from our checkpoints or OpenCLIP's, OpenCLIP's tower locking, and the
+--torchcompile settings."""
 import argparse
 import json
 import logging
@@ -9,7 +9,6 @@ from typing import Optional
 
 import open_clip
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_model_weights
 from .errors import NsoclipError
@@ -108,21 +107,20 @@ def compile_backend(name: str) -> str:
     return name
 
 
-def compile_model(module: torch.nn.Module, args) -> Optional[torch.nn.Module]:
-    """torch.compile of the module the training closure calls (--torchcompile), or None.
-
-    Given the DDP wrapper when there is one, as OpenCLIP: dynamo then splits the graph at DDP's
-    bucket boundaries so all-reduces overlap the backward. Call it after tower locking and
-    gradient checkpointing, which the graphs bake in. The bare model stays uncompiled: it is what
-    checkpoints save, evaluation runs and the Hessian differentiates twice (aot_autograd has no
-    double backward). NSO's and SAM's in-place perturbations change no guard, so no step after
-    the first recompiles."""
+def compile_options(args) -> Optional[dict]:
+    """torch.compile's keyword arguments from --torchcompile-backend / --torchcompile-mode, or
+    None without --torchcompile. Training hands them to parallel.distribute, which compiles the
+    module the training closure calls (NSO's and SAM's in-place perturbations change no guard, so
+    no step after the first recompiles); the bare model stays uncompiled: checkpoints save it,
+    evaluation runs it and the Hessian differentiates it twice (aot_autograd has no double
+    backward)."""
     if not args.torchcompile:
         return None
-    if isinstance(module, DistributedDataParallel) and args.grad_checkpointing:
-        # As OpenCLIP, whose users saw compile + checkpointing break (OpenCLIP issue 726): no
-        # graph split at DDP's buckets, which costs only the overlap of all-reduce and backward.
-        torch._dynamo.config.optimize_ddp = False
-    backend = args.torchcompile_backend or DEFAULT_COMPILE_BACKEND
-    logging.info("Compiling the model (torch.compile, backend %s, mode %s)", backend, args.torchcompile_mode or "default")
-    return torch.compile(module, backend=backend, mode=args.torchcompile_mode)
+    return {"backend": args.torchcompile_backend or DEFAULT_COMPILE_BACKEND, "mode": args.torchcompile_mode}
+
+
+def compile_model(module: torch.nn.Module, args) -> Optional[torch.nn.Module]:
+    """torch.compile of `module` with the --torchcompile-* flags, or None without --torchcompile
+    (the Hessian CLI's finite differences)."""
+    options = compile_options(args)
+    return torch.compile(module, **options) if options is not None else None

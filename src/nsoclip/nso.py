@@ -6,9 +6,10 @@ perturbations, then an ordinary optimizer's update at the unperturbed weights.
 Costs only what the formula costs: 2k forward/backward passes for two-point with lam == 0 (the
 clean pass runs only when lam > 0), one DDP gradient all-reduce per step (every pass but the last
 runs under `no_sync`; gradients accumulate in `.grad`), and one parameter-sized snapshot of w.
-The noise e_i is a pure function of (seed, step, i, parameter index), drawn on the parameter's
-device from explicitly seeded generators (`rng.Streams`), so every rank perturbs identically
-without talking and a resumed run continues the same noise stream.
+The noise e_i is a pure function of (seed, step, i, parameter index, element position in the full
+tensor), drawn on the parameter's device from explicitly seeded generators (`rng.Streams`), so
+every rank perturbs identically without talking, a rank holding a shard of a parameter (FSDP2)
+draws the noise of its own elements only, and a resumed run continues the same noise stream.
 
 The optimizer knows nothing about CLIP: `closure()` runs forward + backward at the current
 weights (with `grad_scaler.scale(loss).backward()` under fp16) and returns the loss.
@@ -19,6 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .checks import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT
+from .parallel import local_view
 from .perturbed import PerturbedOptimizer
 from .rng import Draw, Streams, capture_rng, restore_rng
 
@@ -132,10 +134,13 @@ class NSO(PerturbedOptimizer):
     @torch.no_grad()
     def _move_to_noisy_point(self, indexed_params, perturbation: int, sigma: float) -> None:
         """w + e_i: noise drawn straight into each parameter, then the snapshot added. The noise of
-        parameter j is the stream (seed, step, i, j), independent of the other tensors."""
+        parameter j is the stream (seed, step, i, j), independent of the other tensors; a rank
+        draws the slice of it that its local part of the parameter covers."""
         draw = noise_draw(self.distribution, sigma)
         for (index, param), weights in zip(indexed_params, self._snapshot):
-            self._streams.fill_(param, (self.seed, self.step_count, perturbation, index), draw).add_(weights)
+            view = local_view(param)
+            self._streams.fill_(view.tensor, (self.seed, self.step_count, perturbation, index), draw,
+                                view.start, view.numel).add_(weights)
 
     @torch.no_grad()
     def _reflect_through_snapshot(self, params) -> None:
@@ -146,7 +151,7 @@ class NSO(PerturbedOptimizer):
         if closure is None:
             raise ValueError("NSO.step needs a closure that runs forward + backward and returns the loss")
         indexed = [(index, p) for index, p in self._trainable() if self.perturbs(p)]
-        perturbed = [p for _, p in indexed]
+        perturbed = [view.tensor for view in self.layout.local_views([p for _, p in indexed])]
         sigma = self.sigma_at(self.step_count)
         perturbed_passes = self.perturbed_passes
         passes_left = (self.lam > 0) + perturbed_passes

@@ -22,8 +22,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float):
     ]
 
 
-def create_optimizer(args, model: torch.nn.Module, ddp_model=None) -> torch.optim.Optimizer:
-    """AdamW, or NSO / SAM around AdamW, over OpenCLIP's two parameter groups (`--opt`)."""
+def create_optimizer(args, model: torch.nn.Module, layout=None) -> torch.optim.Optimizer:
+    """AdamW, or NSO / SAM around AdamW, over OpenCLIP's two parameter groups (`--opt`); `layout`
+    (nsoclip.parallel) is how the model lies over the ranks, after which the groups are taken."""
     groups = parameter_groups(model, args.wd)
     adamw = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
     if args.opt == "adamw":
@@ -31,8 +32,8 @@ def create_optimizer(args, model: torch.nn.Module, ddp_model=None) -> torch.opti
     if args.opt == "nso":
         return NSO(groups, torch.optim.AdamW, sigma=args.nso_sigma, num_perturbs=args.nso_num_perturbs,
                    two_point=args.nso_two_point, lam=args.nso_lam, distribution=args.nso_distribution,
-                   seed=args.seed, ddp_model=ddp_model, sigma_schedule=args.nso_sigma_schedule,
+                   seed=args.seed, ddp_model=layout, sigma_schedule=args.nso_sigma_schedule,
                    sigma_ramp_steps=args.nso_sigma_ramp_steps, perturb=args.nso_perturb, **adamw)
     return SAM(groups, torch.optim.AdamW, rho=args.sam_rho, adaptive=args.sam_adaptive,
-               ascent=args.sam_ascent, ddp_model=ddp_model, **adamw)
+               ascent=args.sam_ascent, ddp_model=layout, **adamw)
 

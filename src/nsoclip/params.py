@@ -5,7 +5,8 @@ import ast
 import re
 import sys
 
-from . import curvature, nso, sam
+from . import curvature, nso, parallel, sam
+from .checkpoint import CHECKPOINT_KINDS
 from .checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from .errors import NsoclipError
 from .model import COMPILE_MODES, DEFAULT_COMPILE_BACKEND, compile_backend
@@ -125,6 +126,24 @@ def add_distributed_args(parser):
     group.add_argument("--no-set-device-rank", action="store_true", default=False,
                        help="Use cuda:0 in every process (when CUDA_VISIBLE_DEVICES is set per rank).")
     group.add_argument("--seed", type=int, default=0, help="Default random seed.")
+
+
+def add_sharding_args(parser):
+    group = parser.add_argument_group("sharded training (FSDP2)")
+    group.add_argument("--fsdp", action="store_true", default=False,
+                       help="Shard parameters, gradients and optimizer state over all ranks (fully_shard, one unit "
+                            "per residual block plus the root).")
+    group.add_argument("--fsdp-checkpoint", choices=CHECKPOINT_KINDS, default="full",
+                       help="Step checkpoints as one OpenCLIP file written by rank 0, or sharded folders every rank "
+                            "writes (torch.distributed.checkpoint); epoch checkpoints are always full files.")
+    group.add_argument("--fsdp-offload-cpu", action="store_true", default=False,
+                       help="Keep the shards, their gradients and the optimizer state in CPU memory.")
+    group.add_argument("--fsdp-no-reshard-after-forward", action="store_true", default=False,
+                       help="Keep each block's gathered parameters from forward to backward (one all-gather less "
+                            "per block and pass, more memory).")
+    group.add_argument("--fsdp-grad-reduce", choices=parallel.GRAD_REDUCES, default="pass",
+                       help="Reduce-scatter gradients after every backward (NSO pass, micro-batch): sharded "
+                            "gradients; or once per step, accumulating whole gradients (P per rank) in between.")
 
 
 def add_data_args(parser):
@@ -299,6 +318,7 @@ def build_parser():
     add_training_args(parser)
     add_compile_args(parser)
     add_distributed_args(parser)
+    add_sharding_args(parser)
     add_eval_args(parser)
     add_hessian_args(parser)
     return parser
@@ -330,6 +350,7 @@ def validate(args):
     if args.nso_sigma_schedule != "constant" and args.nso_sigma_ramp_steps == 0:
         raise UsageError(f"--nso-sigma-schedule {args.nso_sigma_schedule} needs --nso-sigma-ramp-steps > 0")
     validate_hessian(args)
+    validate_sharding(args)
     validate_compile(args)
     if args.lr_scheduler == "const-cooldown" and args.epochs_cooldown is None:
         raise UsageError("--lr-scheduler const-cooldown needs --epochs-cooldown")
@@ -344,6 +365,30 @@ def validate(args):
         raise UsageError("nothing to do: give --train-data (or --dataset-type synthetic), --val-data or --imagenet-val")
     if args.zeroshot_data and not (args.zeroshot_classnames and args.zeroshot_templates):
         raise UsageError("--zeroshot-data needs --zeroshot-classnames and --zeroshot-templates")
+
+
+def validate_sharding(args):
+    """--fsdp-* flags need --fsdp; --fsdp refuses what it cannot honour."""
+    if not args.fsdp:
+        given = [flag for flag, set_ in (("--fsdp-checkpoint sharded", args.fsdp_checkpoint != "full"),
+                                         ("--fsdp-offload-cpu", args.fsdp_offload_cpu),
+                                         ("--fsdp-no-reshard-after-forward", args.fsdp_no_reshard_after_forward),
+                                         (f"--fsdp-grad-reduce {args.fsdp_grad_reduce}", args.fsdp_grad_reduce != "pass"))
+                 if set_]
+        if given:
+            raise UsageError(f"{given[0]} needs --fsdp")
+        return
+    if args.ddp_static_graph:
+        raise UsageError("--ddp-static-graph is a DDP setting: --fsdp does not use DDP (drop one of them)")
+    if args.precision not in parallel.FSDP_PRECISIONS:
+        raise UsageError(f"--precision {args.precision} with --fsdp: use {', '.join(parallel.FSDP_PRECISIONS)} "
+                         "(fp16 loss scaling and OpenCLIP's mixed-dtype bf16/fp16 modes are not sharded)")
+    if args.opt == "sam" and args.sam_ascent == "local":
+        raise UsageError("--sam-ascent local needs every rank to hold the whole model: with --fsdp use "
+                         "--sam-ascent global")
+    if args.hessian_frequency:
+        raise UsageError("--hessian-frequency with --fsdp: the Hessian evaluator needs whole parameters; run "
+                         "nsoclip.hessian on an epoch checkpoint instead")
 
 
 def validate_hessian(args):

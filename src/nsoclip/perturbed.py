@@ -1,9 +1,15 @@
 """The base of the optimizers that form their gradient from passes at perturbed weights (NSO,
 SAM): a `torch.optim` optimizer whose `step(closure)` runs the passes and ends in the shared
 update, with `param_groups` and `state` shared with the base optimizer (davda54/sam's contract),
-so LR schedules, `zero_grad` and checkpoints treat it like the base optimizer."""
+so LR schedules, `zero_grad` and checkpoints treat it like the base optimizer.
+
+Where the weights live is `nsoclip.parallel`'s business: `ddp_model` (None, a DDP module, the
+root of fully_shard, a `parallel.Layout`, or any object with a `no_sync()` context manager) gives
+the `no_sync()` of the passes that only accumulate gradients and the local part of each parameter,
+which is all these optimizers read and write (their snapshot holds the local parts only)."""
 import torch
 
+from .parallel import as_layout, local_tensor
 from .update import apply_update
 
 
@@ -22,6 +28,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self._share_base_state()
         self.ddp_model = ddp_model
+        self.layout = as_layout(ddp_model)
         self.last_update = None
         self._stats = {}
         self._snapshot = []
@@ -59,18 +66,18 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         return [(index, p) for index, p in enumerate(params) if p.requires_grad]
 
     def _run_pass(self, closure, sync: bool) -> torch.Tensor:
-        """One forward + backward; without `sync` it runs entirely (forward included) inside
-        DDP's no_sync, so gradients only accumulate locally."""
-        if self.ddp_model is None or sync:
+        """One forward + backward; without `sync` it runs entirely (forward included) inside the
+        layout's no_sync, so gradients only accumulate locally."""
+        if sync:
             loss = closure()
         else:
-            with self.ddp_model.no_sync():
+            with self.layout.no_sync():
                 loss = closure()
         return loss.detach()
 
     @torch.no_grad()
     def _take_snapshot(self, params) -> None:
-        """Copy w into the one extra buffer, reused from step to step."""
+        """Copy w (the local parts `params`) into the one extra buffer, reused from step to step."""
         if [(p.shape, p.dtype, p.device) for p in params] != [(s.shape, s.dtype, s.device) for s in self._snapshot]:
             self._snapshot = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
         if params:
@@ -83,13 +90,18 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _scale_grads(self, factor: float) -> None:
-        grads = [p.grad for _, p in self._trainable() if p.grad is not None]
+        grads = [local_tensor(p.grad) for _, p in self._trainable() if p.grad is not None]
         if grads and factor != 1.0:
             torch._foreach_mul_(grads, factor)
 
     @staticmethod
     def _cuda_devices(params):
-        return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+        """Devices whose RNG the passes draw from: the parameters', and the current GPU (where the
+        forward runs when FSDP2 keeps the shards on the CPU)."""
+        devices = {p.device for p in params if p.device.type == "cuda"}
+        if torch.cuda.is_initialized():
+            devices.add(torch.device("cuda", torch.cuda.current_device()))
+        return sorted(devices, key=str)
 
     def _apply(self, grad_scaler, max_grad_norm):
         self.last_update = apply_update(self.base_optimizer, grad_scaler, max_grad_norm)

@@ -11,13 +11,16 @@ unscale / clip / skip through `nsoclip.update.apply_update`, one snapshot of w, 
   batch): with a gathered contrastive loss, the descent-pass loss mixes features computed at
   different weights, and results depend on the world size.
 - "global": the all-reduced gradient, so every rank uses the same e and the step equals a
-  single-process step on the global batch, at the price of a second all-reduce.
+  single-process step on the global batch, at the price of a second all-reduce. Under FSDP2 the
+  gradient is reduce-scattered instead, and its norm is summed over the shards (one scalar
+  all-reduce); "local" cannot exist there (no rank holds weights of its own) and is refused.
 """
 from typing import Optional
 
 import torch
 
 from .checks import NON_NEGATIVE
+from .parallel import local_tensor
 from .perturbed import PerturbedOptimizer
 from .rng import capture_rng, restore_rng
 
@@ -32,6 +35,9 @@ class SAM(PerturbedOptimizer):
         if ascent not in ASCENTS:
             raise ValueError(f"SAM: unknown ascent {ascent!r} (choose from {', '.join(ASCENTS)})")
         super().__init__(params, base_optimizer, ddp_model, base_optimizer_kwargs)
+        if ascent == "local" and self.layout.sharded:
+            raise ValueError("SAM: ascent 'local' needs every rank to hold the whole model (DDP); with sharded "
+                             "parameters use ascent='global'")
         self.rho = float(rho)
         self.adaptive = bool(adaptive)
         self.ascent = ascent
@@ -41,17 +47,18 @@ class SAM(PerturbedOptimizer):
         """w -> w + e. A non-finite gradient (fp16 overflow) makes e NaN on purpose: the descent
         gradient turns NaN, the all-reduce carries it to every rank, and all ranks skip the step
         and back off the loss scale together, without an extra collective or a host sync."""
-        with_grad = [p for p in params if p.grad is not None]
+        with_grad = [(view.tensor, local_tensor(p.grad))
+                     for p, view in zip(params, self.layout.local_views(params)) if p.grad is not None]
         if not with_grad:
             return
         if self.adaptive:
-            norms = [torch.linalg.vector_norm(p.grad * p.abs()) for p in with_grad]
+            norms = [torch.linalg.vector_norm(g * w.abs()) for w, g in with_grad]
         else:
-            norms = [torch.linalg.vector_norm(p.grad) for p in with_grad]
-        scale = self.rho / (torch.linalg.vector_norm(torch.stack(norms)) + 1e-12)
-        for p in with_grad:
-            direction = p.grad * p * p if self.adaptive else p.grad
-            p.addcmul_(direction, scale.to(p.dtype))
+            norms = [torch.linalg.vector_norm(g) for _, g in with_grad]
+        scale = self.rho / (self.layout.total_norm(norms) + 1e-12)
+        for w, g in with_grad:
+            direction = g * w * w if self.adaptive else g
+            w.addcmul_(direction, scale.to(w.dtype))
 
     def step(self, closure, *, grad_scaler=None, max_grad_norm: Optional[float] = None) -> torch.Tensor:
         if closure is None:
@@ -60,12 +67,13 @@ class SAM(PerturbedOptimizer):
         self.zero_grad(set_to_none=True)
         rng = capture_rng(self._cuda_devices(params))
         clean_loss = self._run_pass(closure, sync=self.ascent == "global")
-        self._take_snapshot(params)
+        weights = [view.tensor for view in self.layout.local_views(params)]
+        self._take_snapshot(weights)
         self._ascend(params)
         self.zero_grad(set_to_none=True)
         restore_rng(rng)  # the descent pass sees the dropout masks the ascent was computed for
         perturbed_loss = self._run_pass(closure, sync=True)
-        self._restore_snapshot(params)
+        self._restore_snapshot(weights)
         self._stats = {"rho": self.rho, "clean_loss": clean_loss, "perturbed_loss": perturbed_loss}
         self._apply(grad_scaler, max_grad_norm)
         return perturbed_loss

@@ -19,7 +19,7 @@ from .distributed import World, all_reduce_mean, all_reduce_sum
 from .errors import NsoclipError
 from .loader import to_device
 from .logger import MetricsLogger
-from .parallel import unwrap
+from .parallel import Layout, full_tensor, unwrap
 from .precision import autocast
 from .scheduler import LRSchedule
 from .update import UpdateResult, take_step
@@ -39,14 +39,13 @@ class Run:
     args: object
     world: World
     model: torch.nn.Module                 # the bare open_clip model (saved, evaluated)
-    ddp_model: Optional[torch.nn.Module]   # its DDP wrapper when distributed
+    layout: Layout                         # how it is laid out over the ranks (nsoclip.parallel)
     loss: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
     schedule: LRSchedule
     checkpoints: Checkpointer
     metrics: MetricsLogger
-    compiled_model: Optional[torch.nn.Module] = None  # torch.compile of ddp_model or model (--torchcompile)
     step: int = 0
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
@@ -55,10 +54,7 @@ class Run:
 
     @property
     def forward_model(self):
-        """The module the closure calls: compiled, else the DDP wrapper, else the bare model."""
-        if self.compiled_model is not None:
-            return self.compiled_model
-        return self.ddp_model if self.ddp_model is not None else self.model
+        return self.layout.forward_model
 
 
 class StopOnSignal:
@@ -95,9 +91,9 @@ def make_closure(run: Run, micro_batches):
     taken over all cached features, so the contrastive loss sees the whole accumulated batch.
     Unlike OpenCLIP, logit_scale carries gradient in one micro-batch only, so the sum of the
     micro-batch gradients is exactly the gradient of the full-batch loss. All micro-batches but
-    the last run under DDP's no_sync: gradients are reduced once per step."""
+    the last run under the layout's no_sync (DDP's: gradients are reduced once per step)."""
     args, model, loss = run.args, run.forward_model, run.loss
-    scaler, ddp = run.scaler, run.ddp_model
+    scaler = run.scaler
 
     def backward(value):
         (scaler.scale(value) if scaler is not None else value).backward()
@@ -110,10 +106,10 @@ def make_closure(run: Run, micro_batches):
             backward(total)
             return total.detach()
         with torch.no_grad(), autocast(args.precision, run.world.device):
-            cached = [unwrap(model)(images, texts) for images, texts in micro_batches]
+            cached = [run.model(images, texts) for images, texts in micro_batches]
         last = len(micro_batches) - 1
         for j, (images, texts) in enumerate(micro_batches):
-            sync = ddp.no_sync() if ddp is not None and j < last else contextlib.nullcontext()
+            sync = run.layout.no_sync() if j < last else contextlib.nullcontext()
             with sync:
                 with autocast(args.precision, run.world.device):
                     out = model(images, texts)
@@ -211,7 +207,7 @@ def log_window(run: Run, window, epoch, step_in_epoch, steps_per_epoch, lr, upda
     metrics = {
         "loss": loss,
         "lr": lr,
-        "scale": unwrap(run.model).logit_scale.exp().item(),
+        "scale": full_tensor(unwrap(run.model).logit_scale).exp().item(),
         "grad_norm": update.grad_norm.item(),
         "step_time": step_time,
         "data_time": window["data_time"] / steps,

@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("train", "nso", "data", "hessian")
+BENCHMARKS = ("train", "nso", "data", "hessian", "fsdp")
 
 
 def main(argv=None):

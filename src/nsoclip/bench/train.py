@@ -37,8 +37,9 @@ from ..data import get_data as nsoclip_data
 from ..distributed import World
 from ..loader import DataInfo
 from ..loss import create_loss
-from ..model import DEFAULT_COMPILE_BACKEND, compile_model, resolve_model_name
+from ..model import DEFAULT_COMPILE_BACKEND, compile_options, resolve_model_name
 from ..optim import create_optimizer, parameter_groups
+from ..parallel import distribute
 from ..params import parse_args as nsoclip_flags
 from ..precision import grad_scaler
 from ..scheduler import LRSchedule
@@ -90,11 +91,11 @@ def nsoclip_epoch_runner(args, name, samples, extra=()):
     data = nsoclip_data(flags, (preprocess_train, preprocess_val), open_clip.get_tokenizer(name), world)["train"]
     if args.replay_batches:
         data = DataInfo(dataloader=Replay(data.dataloader, args), num_batches=args.steps, num_samples=samples)
-    optimizer = create_optimizer(flags, model)
-    run = Run(args=flags, world=world, model=model, ddp_model=None, loss=create_loss(flags, world),
+    layout = distribute(model, world, compile=compile_options(flags))
+    optimizer = create_optimizer(flags, model, layout)
+    run = Run(args=flags, world=world, model=model, layout=layout, loss=create_loss(flags, world),
               optimizer=optimizer, scaler=grad_scaler(args.precision, world.device),
-              schedule=LRSchedule(optimizer, flags, data.num_batches), checkpoints=None, metrics=SilentMetrics(),
-              compiled_model=compile_model(model, flags))
+              schedule=LRSchedule(optimizer, flags, data.num_batches), checkpoints=None, metrics=SilentMetrics())
     epochs = iter(range(10 ** 6))
     return lambda: nsoclip_epoch(run, data, next(epochs))
 

@@ -1,6 +1,6 @@
 """Sharded training (--fsdp): the same run whatever the layout. FSDP2 on 2 ranks, DDP on 2 ranks
-and one process train to the same weights (AdamW, NSO with accumulation and clipping, SAM with
-global ascent), perturb to bit-identical weights, evaluate to identical numbers; NSO's snapshot
+and one process train to the same weights (AdamW with recomputed activations, NSO with
+accumulation and clipping, SAM with global ascent and a locked image tower), perturb to bit-identical weights, evaluate to identical numbers; NSO's snapshot
 holds P/N per rank; the collectives of a step are the ones the design says; checkpoints move
 between layouts and survive a killed rank; epoch checkpoints load in plain OpenCLIP."""
 import json
@@ -45,7 +45,7 @@ GLOBAL_BATCH = 8
 OPTIMIZERS = {
     "adamw": ["--grad-checkpointing"],
     "nso": ["--opt", "nso", "--nso-sigma", "0.01", "--accum-freq", "2", "--grad-clip-norm", "1.0"],
-    "sam": ["--opt", "sam", "--sam-ascent", "global", "--sam-rho", "0.05"],
+    "sam": ["--opt", "sam", "--sam-ascent", "global", "--sam-rho", "0.05", "--lock-image"],
 }
 # Counted on their own (no accumulation or recomputation, whose extra passes the counts would mix in).
 COUNTED = {"adamw": [], "nso": ["--opt", "nso"], "nso-step": ["--opt", "nso", "--fsdp-grad-reduce", "step"],

@@ -169,6 +169,7 @@ class Sharded(Layout):
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         self._reshard_after_forward = {id(unit): reshard_after_forward and unit is not model for unit in self.units}
         self._scalars = {id(p) for name, p in model.named_parameters() if name in self.scalar_names}
+        self._group = next(p.device_mesh.get_group() for p in model.parameters() if isinstance(p, DTensor))
         self._no_sync_depth = 0
 
     @contextlib.contextmanager
@@ -200,7 +201,7 @@ class Sharded(Layout):
 
     def total_norm(self, local_norms):
         squares = torch.stack(local_norms).square().sum()
-        dist.all_reduce(squares)  # one scalar over the mesh of all ranks
+        dist.all_reduce(squares, group=self._group)  # one scalar over the mesh the shards live on
         return squares.sqrt()
 
     @contextlib.contextmanager

@@ -4,7 +4,7 @@ that do not depend on how a tensor is split over ranks, the global seeds of a ru
 restoring the global generators around passes that must see the same dropout."""
 import hashlib
 import random
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -20,9 +20,14 @@ def derive_seed(*parts) -> int:
 
 # Elements per chunk of a stream. Every chunk has its own generator seed, so a rank holding any
 # slice of a tensor draws only the chunks its slice touches: at most two chunks more than its own
-# elements per tensor. Large enough that a whole tensor costs few generator calls (kernel launches
-# on a GPU), small enough that sharded ranks waste little.
+# elements per tensor. On a GPU a chunk costs a kernel launch and a seeding (~10 us, estimated)
+# while an element costs ~0.01 ns: large chunks (ViT-bigG-14 whole: 3,165 chunks; one of 64 FSDP2
+# shards: 1,297 chunks and 17x its elements, a few ms of draws). On a CPU an element costs ~7 ns and
+# a seeding 5 us (measured): small chunks, so a shard (FSDP2 with --fsdp-offload-cpu) draws little
+# beyond itself (bigG over 64 ranks: 1.7x its elements instead of 17x) while a whole model spends
+# 1% seeding. Streams of different device types differ anyway (their generators do).
 STREAM_CHUNK = 1 << 20
+CPU_STREAM_CHUNK = 1 << 16
 
 Draw = Callable[[torch.Tensor, torch.Generator], object]  # fills its tensor in place from the generator
 
@@ -34,9 +39,14 @@ class Streams:
     size, by a generator seeded from (key, c): the values of a chunk never depend on the slice
     (torch draws some sizes by another path, so a chunk is never drawn partially)."""
 
-    def __init__(self, chunk: int = STREAM_CHUNK):
-        self.chunk = chunk
+    def __init__(self, chunk: Optional[int] = None):
+        self.chunk = chunk  # None: CPU_STREAM_CHUNK on the CPU, STREAM_CHUNK elsewhere
         self._generators: Dict[torch.device, torch.Generator] = {}
+
+    def chunk_on(self, device: torch.device) -> int:
+        if self.chunk is not None:
+            return self.chunk
+        return CPU_STREAM_CHUNK if device.type == "cpu" else STREAM_CHUNK
 
     def generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -50,10 +60,11 @@ class Streams:
         numel = flat.numel() if numel is None else numel
         end = start + flat.numel()
         generator = self.generator(out.device)
+        chunk = self.chunk_on(out.device)
         position = start
         while position < end:
-            index = position // self.chunk
-            first, last = index * self.chunk, min((index + 1) * self.chunk, numel)
+            index = position // chunk
+            first, last = index * chunk, min((index + 1) * chunk, numel)
             stop = min(end, last)
             generator.manual_seed(derive_seed(*key, index))
             if position == first and stop == last:

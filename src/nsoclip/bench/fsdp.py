@@ -7,7 +7,9 @@ For AdamW and NSO (k=1, two-point) under DDP and under FSDP2 (both gradient redu
   the step (sampled after every backward and after the update);
 - collectives per step by kind with their bytes (this rank's input), counted at the c10d level
   (torch.distributed.tensor.debug.CommDebugMode sees DTensor's own all-reduces too);
-- step times, all arms interleaved, and the NSO / AdamW step-time ratio per layout.
+- step times, all arms interleaved, and the NSO / AdamW step-time ratio per layout;
+- NSO's noise per rank: the elements it holds, the elements its chunked streams draw (its shard
+  plus at most two chunks per tensor) and the time of one perturbation's draw, DDP beside FSDP2.
 """
 import argparse
 import datetime
@@ -29,8 +31,9 @@ from torch.distributed.tensor.debug import CommDebugMode
 from ..distributed import World
 from ..launch import spawn_local_ranks
 from ..model import resolve_model_name
-from ..nso import NSO
+from ..nso import NSO, noise_draw
 from ..parallel import ShardingOptions, distribute, local_tensor
+from ..rng import Streams
 from ..update import take_step
 
 # Wide enough that state dominates: 40 M parameters (19 M of them the 49,408-token table).
@@ -188,6 +191,27 @@ class Arm:
             self.times.append(float(elapsed))
 
 
+def noise_cost(layout, params, repeats: int = 3) -> dict:
+    """One perturbation's noise for this rank's part of every parameter, as NSO draws it."""
+    streams, draw = Streams(), noise_draw("normal", 0.01)
+    views = layout.local_views(params)
+    buffers = [torch.empty_like(view.tensor) for view in views]
+    drawn = 0
+    for view in views:
+        chunk = streams.chunk_on(view.tensor.device)
+        if view.tensor.numel():
+            first, last = view.start // chunk, (view.start + view.tensor.numel() - 1) // chunk
+            drawn += sum(min(chunk, view.numel - c * chunk) for c in range(first, last + 1))
+    times = []
+    for repeat in range(repeats + 1):
+        start = time.perf_counter()
+        for index, (view, buffer) in enumerate(zip(views, buffers)):
+            streams.fill_(buffer, (0, repeat, 0, index), draw, view.start, view.numel)
+        times.append(time.perf_counter() - start)
+    return {"local_elements": sum(b.numel() for b in buffers), "drawn_elements": drawn,
+            "draw_s": statistics.median(times[1:])}
+
+
 def worker(rank, world_size, port, spec, steps, rows, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -205,7 +229,10 @@ def worker(rank, world_size, port, spec, steps, rows, out_path):
             arm.step()
     params = sum(p.numel() for p in arms[0].layout.model.parameters())
     fsdp_units = unit_sizes(arms[2].layout.model, world_size)
+    noise = {arm.name: noise_cost(arm.layout, [p for g in arm.optimizer.param_groups for p in g["params"]])
+             for arm in (arms[1], arms[3])}
     record = {
+        "noise": noise,
         "rank": rank,
         "state_bytes_peak": {arm.name: arm.peak for arm in arms},
         "collectives_per_step": {arm.name: arm.counts for arm in arms},
@@ -239,6 +266,7 @@ def summarize(ranks) -> dict:
         "nso_extra_state_in_P_over_N": {name: value / share for name, value in extra.items()},
         "fsdp_adamw_state_target_bytes": 1.05 * 4 * share + first["largest_unit_gathered_bytes"],
         "largest_unit_gathered_bytes": first["largest_unit_gathered_bytes"],
+        "noise_per_rank": [r["noise"] for r in ranks],
         "per_rank_state_bytes_by_kind_rank0": first["state_bytes_peak"],
         "collectives_per_step_rank0": first["collectives_per_step"],
         "median_step_s": times,
@@ -256,7 +284,7 @@ def parse_args(argv):
     parser.add_argument("--model", default="bench-fsdp",
                         help="OpenCLIP model name or config JSON; 'bench-fsdp' is the 40 M-parameter ViT defined here.")
     parser.add_argument("--batch-size", type=int, default=4, help="Rows per rank.")
-    parser.add_argument("--steps", type=int, default=5, help="Timed repeats (each: one step of every arm).")
+    parser.add_argument("--steps", type=int, default=3, help="Timed repeats (each: one step of every arm).")
     return parser.parse_args(argv)
 
 

@@ -3,7 +3,9 @@
 - step-time ratio NSO / AdamW (k=1, two-point, lam=0): AdamW steps, NSO steps (both through
   `nsoclip.optim.take_step`, as in training) and bare forward+backward passes interleaved in one
   process on the same batch, median and quartiles over repeats; also the ratio to the ideal NSO
-  cost (two passes + one update = one AdamW step + one pass);
+  cost (two passes + one update = one AdamW step + one pass), and what NSO does outside its passes
+  beyond AdamW's update (snapshot, noise, reflection, restore, gradient scaling) with the noise
+  draw alone timed beside it;
 - extra memory beyond AdamW in parameter copies: the bytes of every tensor NSO (or SAM) holds
   outside the base optimizer's state, over the parameter bytes; on CUDA also the peak;
 - model FLOP utilisation of the AdamW step: the forward + backward FLOPs that torch's
@@ -28,9 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..launch import spawn_local_ranks
 from ..model import resolve_model_name
-from ..nso import NSO
+from ..nso import NSO, noise_draw
 from ..update import take_step
 from ..precision import autocast, grad_scaler
+from ..rng import Streams
 from ..sam import SAM
 
 # A ViT CLIP a little larger than tests/configs/tiny-vit.json (same OpenCLIP vocabulary).
@@ -106,12 +109,17 @@ class Arm:
         self.optimizer = make_optimizer(model.parameters()) if make_optimizer else None
         self.loss_fn, self.precision, self.device = loss_fn, precision, device
         self.scaler = grad_scaler(precision, device)
-        self.times = []
+        self.times, self.outside_passes = [], []
+        self._in_passes = 0.0
 
     def closure(self):
+        synchronize(self.device)
+        start = time.perf_counter()
         with autocast(self.precision, self.device):
             loss = self.loss_fn(**self.model(*self.batch))
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        synchronize(self.device)
+        self._in_passes += time.perf_counter() - start
         return loss
 
     def run(self):
@@ -123,10 +131,27 @@ class Arm:
 
     def timed(self):
         synchronize(self.device)
+        self._in_passes = 0.0
         start = time.perf_counter()
         self.run()
         synchronize(self.device)
         self.times.append(time.perf_counter() - start)
+        self.outside_passes.append(self.times[-1] - self._in_passes)
+
+
+def noise_draw_time(model, sigma: float, device, repeats: int = 5) -> float:
+    """One perturbation's noise for every parameter, as NSO draws it (rng.Streams, its own keys)."""
+    streams, draw = Streams(), noise_draw("normal", sigma)
+    buffers = [torch.empty_like(p) for p in model.parameters()]
+    times = []
+    for repeat in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        for index, buffer in enumerate(buffers):
+            streams.fill_(buffer, (0, repeat, 0, index), draw)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def synchronize(device):
@@ -205,6 +230,9 @@ def timing(args, spec: str, device) -> dict:
     times = {arm.name: arm.times for arm in arms}
     ratios = [n / a for n, a in zip(times["nso"], times["adamw"])]
     ideal = [n / (a + p) for n, a, p in zip(times["nso"], times["adamw"], times["pass"])]
+    parameter_work = [n - a for n, a in zip(arms[1].outside_passes, arms[0].outside_passes)]
+    ideal_s = statistics.median([a + p for a, p in zip(times["adamw"], times["pass"])])
+    noise_s = noise_draw_time(template, args.sigma, device)
     nso_params = list(arms[1].model.parameters())
     sam = SAM(nso_params, torch.optim.AdamW, rho=0.05, **adamw)
     sam.step(arms[1].closure, grad_scaler=arms[1].scaler)
@@ -214,6 +242,12 @@ def timing(args, spec: str, device) -> dict:
         "step_time_ratio_nso_over_adamw": statistics.median(ratios),
         "step_time_ratio_nso_over_adamw_quartiles": statistics.quantiles(ratios, n=4)[::2],
         "step_time_ratio_nso_over_ideal": statistics.median(ideal),
+        "step_time_ratio_nso_over_ideal_quartiles": statistics.quantiles(ideal, n=4)[::2],
+        "median_outside_passes_s": {arm.name: statistics.median(arm.outside_passes) for arm in arms[:2]},
+        "nso_parameter_work_s": statistics.median(parameter_work),
+        "nso_parameter_work_over_ideal": statistics.median(parameter_work) / ideal_s,
+        "noise_draw_s": noise_s,
+        "noise_draw_over_ideal": noise_s / ideal_s,
         "extra_param_copies_held_nso": held_param_copies(arms[1].optimizer, nso_params),
         "extra_param_copies_held_sam": held_param_copies(sam, nso_params),
     }

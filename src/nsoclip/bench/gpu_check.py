@@ -8,7 +8,7 @@ and a shared deadline shortens or skips the last ones, so a rerun fits a 15-minu
     python -m nsoclip.bench.gpu_check --check-wheels .whl           # after `make gpu-wheels`
 
 Imports nothing beyond the standard library at the top: the version step must be able to say
-which import fails. Files under $OUT (8, the device tool's limit): versions.json, pytest.xml,
+which import fails. Files under $OUT (8): versions.json, pytest.xml,
 bench-train.json, bench-nso.json, bench-hessian.json, bench-compile.json, gpu-check.json (all of
 it, with the table) and gpu-check.log (everything printed)."""
 import argparse

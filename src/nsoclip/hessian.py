@@ -10,22 +10,25 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from torch.utils.tensorboard import SummaryWriter
 
 from .checkpoint import load_checkpoint, load_model_weights, model_state_dict
-from .checks import POSITIVE, POSITIVE_INT
+from .checks import POSITIVE, POSITIVE_INT, command_line
 from .cli import run_command
 from .curvature import (HessianError, curvature_along, difference_from_reference, hessian_trace, noise_stability,
                         top_eigenvalues)
 from .data import get_data
 from .distributed import init_distributed
 from .loader import first_batches
+from .logger import setup_console_logging
 from .loss import contrastive_loss_fn, create_loss
 from .model import compile_model, create_model_and_transforms
 from .params import (Parser, UsageError, add_compile_args, add_data_args, add_distributed_args, add_hessian_args,
                      add_model_args, validate_compile, validate_hessian)
 from .parallel import unwrap
 from .rng import seed_everything
+from .wds import fit_to_reader
 
 
 def sigma_list(text: str):
@@ -88,6 +91,7 @@ def parse_args(argv):
 def hessian_batches(args, model_bundle, world):
     """The first --hessian-num-batches batches of the training data (else the validation data)."""
     _, preprocess_train, preprocess_val, tokenizer = model_bundle
+    fit_to_reader(args, world, args.hessian_num_batches)
     data = get_data(args, (preprocess_train, preprocess_val), tokenizer, world, epoch=0)
     split = "train" if data.get("train") is not None else "val"
     info = data.get(split)
@@ -119,15 +123,16 @@ def checkpoint_step(path) -> int:
 
 def run(args, world) -> dict:
     seed_everything(args.seed)
-    bundle = create_model_and_transforms(args, world.device)
+    bundle = create_model_and_transforms(args, world.device, weights_follow=bool(args.resume))
     model = bundle[0]
     if args.resume:
         load_model_weights(model, args.resume, label="--resume")
+        logging.info("Loaded weights from %s", args.resume)
     reference = None
     if args.reference_checkpoint:
         reference = model_state_dict(load_checkpoint(args.reference_checkpoint))
     batches, split = hessian_batches(args, bundle, world)
-    loss_fn = contrastive_loss_fn(create_loss(args, world))
+    loss_fn = contrastive_loss_fn(create_loss(args, world, model))
     settings = dict(seed=args.seed, params=args.hessian_params)
     compiled = compile_model(model, args)
     model = compiled if compiled is not None else model  # finite differences through the compiled forward
@@ -210,14 +215,15 @@ def write_outputs(args, report: dict):
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = command_line(argv)
 
     def body() -> int:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
         args = parse_args(argv)
         world = init_distributed(device=args.device, backend=args.dist_backend, dist_url=args.dist_url,
                                  timeout_minutes=args.dist_timeout, set_device_rank=not args.no_set_device_rank)
-        report = run(args, world)
+        setup_console_logging(world.is_master)
+        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+            report = run(args, world)
         if world.is_master:
             write_outputs(args, report)
         return 0

@@ -93,7 +93,7 @@ def nsoclip_epoch_runner(args, name, samples, extra=()):
         data = DataInfo(dataloader=Replay(data.dataloader, args), num_batches=args.steps, num_samples=samples)
     layout = distribute(model, world, compile=compile_options(flags))
     optimizer = create_optimizer(flags, model, layout)
-    run = Run(args=flags, world=world, model=model, layout=layout, loss=create_loss(flags, world),
+    run = Run(args=flags, world=world, model=model, layout=layout, loss=create_loss(flags, world, model),
               optimizer=optimizer, scaler=grad_scaler(args.precision, world.device),
               schedule=LRSchedule(optimizer, flags, data.num_batches), checkpoints=None, metrics=SilentMetrics())
     epochs = iter(range(10 ** 6))

@@ -110,6 +110,8 @@ RUNS = {
     "fsdp": ["--fsdp", "--fsdp-checkpoint", "sharded", "--fsdp-grad-reduce", "step", "--fsdp-no-reshard-after-forward",
              "--save-every-n-steps", "1"],
     "fsdp-offload": ["--fsdp", "--fsdp-offload-cpu"],
+    # aot_eager: compiled without inductor's C++ build, bit for bit the eager step (inductor: test_compile)
+    "compile": ["--torchcompile", "--torchcompile-backend", "aot_eager", "--torchcompile-mode", "default"],
     "files": ["--epochs", "2", "--save-most-recent", "--save-every-n-steps", "1",
               "--delete-previous-checkpoint", "--report-to", "tensorboard", "--log-local",
               "--remote-sync", "file://{root}/remote", "--remote-sync-frequency", "60", "--remote-sync-protocol", "fsspec"],
@@ -200,6 +202,10 @@ T: Dict[str, Tuple[str, Callable[[Done, Callable[[str], Done]], bool]]] = {
     "--lock-text-freeze-layer-norm": ("locks", lambda d, r: unchanged(d, r("start"), "transformer.resblocks.0.ln_1")),
     "--max-nonfinite-steps": ("same-loss", lambda d, r: d.params["max_nonfinite_steps"] == "3"),  # effect: test_faults
     "--skip-scheduler": ("skip", lambda d, r: [m["lr"] for m in d.metrics] == [5e-4, 5e-4]),
+    "--torchcompile": ("compile", lambda d, r: d.losses == pytest.approx(r("base").losses, **TOLERANCE)
+                       and d.state.keys() == r("base").state.keys()),          # the bare model is saved
+    "--torchcompile-backend": ("compile", lambda d, r: d.params["torchcompile_backend"] == "aot_eager"),
+    "--torchcompile-mode": ("compile", lambda d, r: d.params["torchcompile_mode"] == "default"),
     "--torchscript": ("same-loss", lambda d, r: d.params["torchscript"] == "True"
                       and d.checkpoint()["state_dict"].keys() == r("base").state.keys()),
     # optimizer

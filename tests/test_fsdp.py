@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torch._dynamo.utils import counters
 
 from helpers import (TINY, assert_same_weights, finish, init_gloo, launch, read, run_cli, run_ranks, wait_until,
                      weights, workers_of)
@@ -31,7 +32,7 @@ from nsoclip.distributed import World
 from nsoclip.evaluate import evaluate
 from nsoclip.loss import create_loss
 from nsoclip.main import sharding_options
-from nsoclip.model import create_model_and_transforms, prepare_for_training, resolve_model_name
+from nsoclip.model import compile_options, create_model_and_transforms, prepare_for_training, resolve_model_name
 from nsoclip.optim import create_optimizer
 from nsoclip.parallel import Layout, distribute, full_tensor, local_view
 from nsoclip.params import UsageError, parse_args
@@ -83,7 +84,7 @@ def build(world, args, initial, resume=None):
     checkpoints = Checkpointer(Path(args.logs) / "checkpoints", args, world)
     checkpoint = checkpoints.load(resume, model) if resume is not None else None
     prepare_for_training(model, args)
-    layout = distribute(model, world, sharding=sharding_options(args))
+    layout = distribute(model, world, sharding=sharding_options(args), compile=compile_options(args))
     optimizer = create_optimizer(args, model, layout)
     run = Run(args=args, world=world, model=model, layout=layout, loss=create_loss(args, world, model),
               optimizer=optimizer, scaler=None, schedule=LRSchedule(optimizer, args, STEPS), checkpoints=checkpoints,
@@ -193,6 +194,17 @@ def fsdp_extras(world, initial, data, workspace):
                         "fsdp_to_fsdp": resumed(world, ["--fsdp"], workspace / "fsdp", initial, data)}}
 
 
+def compiled_fsdp_nso(world, initial, data) -> dict:
+    """NSO (accumulation, clipping) under --fsdp --torchcompile: each residual block compiled before
+    it is sharded (aot_eager, bitwise equal to eager); no step after the first recompiles."""
+    run = build(world, train_args(*OPTIMIZERS["nso"], "--fsdp", "--torchcompile", "--torchcompile-backend",
+                                  "aot_eager"), initial)
+    train(run, data, steps=1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train(run, data)
+    return {"weights": run.layout.model_state_dict(), "graphs": counters["stats"]["unique_graphs"]}
+
+
 def two_rank_worker(rank, world_size, port, initial_path, data_path, workspace):
     init_gloo(rank, world_size, port)
     world = World(rank=rank, world_size=world_size)
@@ -201,6 +213,7 @@ def two_rank_worker(rank, world_size, port, initial_path, data_path, workspace):
     workspace = Path(workspace)
     result = {"fsdp": layout_record(world, "fsdp", initial, data, workspace),
               "ddp": layout_record(world, "ddp", initial, data, workspace),
+              "fsdp_compiled": compiled_fsdp_nso(world, initial, data),
               **fsdp_extras(world, initial, data, workspace)}
     torch.save(result, workspace / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -252,6 +265,14 @@ def test_fsdp_equals_ddp_equals_one_process(layouts, optimizer):
     assert moved > 1e-3
     assert_same_weights(fsdp, ddp, key_bias_atol=2 * LR * STEPS)
     assert_same_weights(fsdp, single, key_bias_atol=2 * LR * STEPS)
+
+
+@pytest.mark.slow
+def test_compiled_fsdp_nso_equals_eager_fsdp(layouts):
+    for rank in layouts["ranks"]:
+        assert rank["fsdp_compiled"]["graphs"] >= 1
+    compiled, eager = layouts["ranks"][0]["fsdp_compiled"]["weights"], layouts["ranks"][0]["fsdp"]["nso"]["weights"]
+    assert_same_weights(compiled, eager, atol=1e-7, rtol=1e-6, key_bias_atol=1e-7)
 
 
 @pytest.mark.slow

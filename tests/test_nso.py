@@ -8,12 +8,15 @@ import open_clip
 import pytest
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from helpers import (count_all_reduces, flat, gradient_at, init_gloo, mlp, mlp_batch, mlp_loss, recording_closure,
                      run_ranks)
+from nsoclip.distributed import World
 from nsoclip.model import resolve_model_name
 from nsoclip.nso import NSO
+from nsoclip.parallel import distribute, unwrap
 from nsoclip.rng import derive_seed
 
 
@@ -414,8 +417,39 @@ def clip_world_worker(rank, world_size, port, config, initial, data, out_dir):
         for _ in range(SCALED_STEPS):
             scaled_opt.step(scaled_closure)
         result["scaled"][noise_scale] = {k: v.clone() for k, v in scaled_model.state_dict().items()}
+    result.update(compiled_ddp_steps(rank, world_size, config, initial, images, texts, loss_fn))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def compiled_ddp_steps(rank, world_size, config, initial, images, texts, loss_fn) -> dict:
+    """The same NSO steps from the same start through --torchcompile's layout, torch.compile(DDP)
+    (OpenCLIP's order; aot_eager is bitwise equal to eager), counting all-reduces and asserting
+    that no step after the first recompiles."""
+    model = open_clip.create_model(resolve_model_name(config), output_dict=True)
+    model.load_state_dict(torch.load(initial, weights_only=True))
+    layout = distribute(model, World(rank=rank, world_size=world_size), compile=dict(backend="aot_eager", mode=None))
+    ddp_model = layout.forward_model._orig_mod
+    assert isinstance(ddp_model, DDP) and unwrap(layout.forward_model) is model
+    assert unwrap(DDP(torch.compile(model))) is model
+    all_reduces = count_all_reduces(ddp_model)
+    opt = clip_nso(model.parameters(), layout)
+
+    def closure():
+        loss = loss_fn(**layout.forward_model(images, texts))
+        loss.backward()
+        return loss
+
+    per_step = []
+    for step in range(CLIP_STEPS):
+        before = all_reduces[0]
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            opt.step(closure)
+        per_step.append(all_reduces[0] - before)
+    result = {"compiled_all_reduces": per_step, "compiled_graphs": counters["stats"]["unique_graphs"]}
+    if rank == 0:
+        result["compiled_state_dict"] = {k: v.clone() for k, v in model.state_dict().items()}
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -477,6 +511,16 @@ def test_exactly_one_gradient_all_reduce_per_step(clip_two_ranks):
     for rank in clip_two_ranks["ranks"]:
         assert rank["nso_all_reduces"] == [1] * CLIP_STEPS
         assert rank["variant_all_reduces"] == {"lam0.5_k2": 1, "nested_no_sync": 1}
+
+
+@pytest.mark.slow
+def test_compiled_ddp_equals_eager_ddp_with_one_all_reduce_per_step(clip_two_ranks):
+    for rank in clip_two_ranks["ranks"]:
+        assert rank["compiled_all_reduces"] == [1] * CLIP_STEPS
+        assert rank["compiled_graphs"] >= 1
+    eager, compiled = (clip_two_ranks["ranks"][0][key] for key in ("state_dict", "compiled_state_dict"))
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 @pytest.mark.slow

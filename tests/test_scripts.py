@@ -101,7 +101,7 @@ def optional_cli(module_name):
     pytest.skip(f"{module_name} has neither parse_args(argv) nor build_parser()")
 
 
-@pytest.mark.parametrize("script", LAUNCHERS + ["recipes.sh"])
+@pytest.mark.parametrize("script", LAUNCHERS + ["recipes.sh", "gpu_check.sh"])
 def test_shellcheck_clean(script):
     binary = shellcheck_binary()
     if binary is None:

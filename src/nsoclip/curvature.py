@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import distributed
@@ -76,15 +77,22 @@ class Objective:
     """L(w) over this rank's batches and all ranks, as a function of the selected parameters
     seen as one flat vector: loss, gradient and Hessian-vector products.
 
-    Use as a context manager: dropout is off (eval mode) while it is open, the model's mode
-    is restored and any kept graph is freed on exit. `progress(n)`, when given, is called with
-    the number of products (or loss evaluations) just done."""
+    Use as a context manager: dropout is off (eval mode) and so are TF32 matmuls and
+    convolutions while it is open (central differences of TF32 gradients would be rounding
+    noise: the step moves weights by about TF32's precision), the model's mode and the TF32
+    settings are restored and any kept graph is freed on exit. `progress(n)`, when given, is
+    called with the number of products (or loss evaluations) just done.
+
+    A compiled model (torch.compile of the bare model) serves losses and finite-difference
+    products through its compiled forward; exact products refuse it, since aot_autograd has no
+    double backward (pass the uncompiled model for them)."""
 
     def __init__(self, model, loss_fn, batches, params=None, hvp: str = "exact",
                  progress: Optional[Callable[[int], None]] = None):
         if hvp not in HVPS:
             raise HessianError(f"hvp {hvp!r}: expected one of {', '.join(HVPS)}")
         self.model = unwrap(model)
+        self.forward = compiled_forward(model, hvp) if isinstance(model, OptimizedModule) else self.model
         self.loss_fn = loss_fn
         self.batches = list(batches)
         self.hvp_kind = hvp
@@ -104,11 +112,14 @@ class Objective:
 
     def __enter__(self):
         self._was_training = self.model.training
+        self._tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         self.model.eval()
         return self
 
     def __exit__(self, *exc):
         self.model.train(self._was_training)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32
         self._kept_graph = self._points = None
 
     def generator(self, seed: int) -> torch.Generator:
@@ -129,7 +140,7 @@ class Objective:
 
     @torch.no_grad()
     def loss(self) -> float:
-        total = sum(self.loss_fn(self.model, batch).detach().double() for batch in self.batches)
+        total = sum(self.loss_fn(self.forward, batch).detach().double() for batch in self.batches)
         self._tick(1)
         return distributed.all_reduce_mean(total.reshape(1) / len(self.batches)).item()
 
@@ -139,7 +150,7 @@ class Objective:
         seed = torch.tensor(scale / len(self.batches), device=self.device)
         total = None
         for batch in self.batches:
-            loss = self.loss_fn(self.model, batch)
+            loss = self.loss_fn(self.forward, batch)
             grads = list(torch.autograd.grad(loss, self.params, grad_outputs=seed.to(loss.dtype), allow_unused=True,
                                              materialize_grads=True))
             if total is None:
@@ -263,6 +274,18 @@ class Objective:
             result[key] = {group: mean for group, (mean, _) in estimates.items()}
             result[f"{key}_stderr"] = {group: stderr for group, (_, stderr) in estimates.items()}
         return result
+
+
+def compiled_forward(model: OptimizedModule, hvp: str) -> OptimizedModule:
+    """The compiled model, where the evaluator can call it: finite differences through
+    torch.compile of the bare model (this module averages over ranks itself, so not of DDP)."""
+    if hvp == "exact":
+        raise HessianError("hvp 'exact' needs double backward, which torch.compile (aot_autograd) does not "
+                           "support: pass the uncompiled model, or use hvp 'finite_difference'")
+    if model._orig_mod is not unwrap(model):
+        raise HessianError("a compiled DDP wrapper: pass torch.compile of the bare model (the Hessian "
+                           "evaluator averages over ranks itself)")
+    return model
 
 
 def check_batch_counts(count: int):

@@ -23,9 +23,9 @@ from .distributed import init_distributed
 from .loader import first_batches
 from .logger import setup_console_logging
 from .loss import contrastive_loss_fn, create_loss
-from .model import create_model_and_transforms
-from .params import (Parser, UsageError, add_data_args, add_distributed_args, add_hessian_args, add_model_args,
-                     validate_hessian)
+from .model import compile_model, create_model_and_transforms
+from .params import (Parser, UsageError, add_compile_args, add_data_args, add_distributed_args, add_hessian_args,
+                     add_model_args, validate_compile, validate_hessian)
 from .parallel import unwrap
 from .rng import seed_everything
 from .wds import fit_to_reader
@@ -50,6 +50,7 @@ def build_parser():
     add_data_args(parser)
     add_distributed_args(parser)
     add_hessian_args(parser)
+    add_compile_args(parser)
     parser.set_defaults(precision="fp32")
     group = parser.add_argument_group("hessian report")
     group.add_argument("--resume", type=str, default=None, help="Our training checkpoint to evaluate.")
@@ -69,6 +70,10 @@ def build_parser():
 def parse_args(argv):
     args = build_parser().parse_args(argv)
     validate_hessian(args)
+    validate_compile(args)
+    if args.torchcompile and args.hessian_hvp == "exact":
+        raise UsageError("--torchcompile: exact Hessian-vector products need double backward, which torch.compile "
+                         "does not support; add --hessian-hvp finite_difference or leave out --torchcompile")
     if args.report_to not in ("", "tensorboard"):
         raise UsageError(f"--report-to {args.report_to}: only 'tensorboard' is supported")
     if args.report_to and not args.logs:
@@ -129,6 +134,8 @@ def run(args, world) -> dict:
     batches, split = hessian_batches(args, bundle, world)
     loss_fn = contrastive_loss_fn(create_loss(args, world, model))
     settings = dict(seed=args.seed, params=args.hessian_params)
+    compiled = compile_model(model, args)
+    model = compiled if compiled is not None else model  # finite differences through the compiled forward
 
     with progress_bar("trace (products)", args.hessian_probes, world.is_master) as progress:
         report = hessian_trace(model, loss_fn, batches, num_probes=args.hessian_probes, method=args.hessian_method,
@@ -162,6 +169,7 @@ def run(args, world) -> dict:
         "seed": args.seed, "params": args.hessian_params, "precision": args.precision, "device": str(world.device),
         "num_probes": args.hessian_probes, "method": args.hessian_method, "hvp": args.hessian_hvp,
         "block_size": args.hessian_block_size, "top_k": args.hessian_top_k, "max_iter": args.hessian_max_iter,
+        "torchcompile": args.torchcompile,
     }
     return report
 

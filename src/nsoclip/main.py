@@ -25,7 +25,7 @@ from .evaluate import evaluate, write_results
 from .loader import check_worker_count, first_batches
 from .logger import MetricsLogger, ReportToError, report_targets, setup_logging
 from .loss import contrastive_loss_fn, create_loss
-from .model import create_model_and_transforms, prepare_for_training, torchscript
+from .model import compile_options, create_model_and_transforms, prepare_for_training, torchscript
 from .optim import check_against_model, create_optimizer
 from .parallel import ShardingOptions, check_layout, distribute
 from .params import UsageError, keeps_run_folder, parse_args, unused_settings
@@ -230,7 +230,8 @@ def train(args) -> bool:
     if world.is_master:
         check_worker_count(args.workers)
     checkpoints.remove_partial_writes()
-    layout = distribute(model, world, args.ddp_static_graph, args.use_bn_sync, sharding_options(args), scripted)
+    layout = distribute(model, world, args.ddp_static_graph, args.use_bn_sync, sharding_options(args), scripted,
+                        compile_options(args))
     optimizer = create_optimizer(args, model, layout)
     metrics = start_metrics(args, run_dir, world, values)
     run = Run(args=args, world=world, model=model, layout=layout, loss=loss,

@@ -1,11 +1,13 @@
 """Model creation: an OpenCLIP model name or a path to a model-config JSON in OpenCLIP's format,
 optional weights from our checkpoints or OpenCLIP's (or downloaded by open_clip and timm into
-their caches), SigLIP's initialisation, and OpenCLIP's tower locking."""
+their caches), SigLIP's initialisation, OpenCLIP's tower locking, and the --torchcompile settings."""
+import argparse
 import contextlib
 import json
 import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 import open_clip
 import torch
@@ -13,6 +15,11 @@ from open_clip.hf_model import HFTextEncoder
 
 from .checkpoint import load_model_weights
 from .errors import NsoclipError
+
+
+# torch.compile's modes (inductor's; the other backends take none).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEFAULT_COMPILE_BACKEND = "inductor"
 
 
 class ModelError(NsoclipError, ValueError):
@@ -189,3 +196,33 @@ def prepare_for_training(model: torch.nn.Module, args) -> None:
                               freeze_layer_norm=args.lock_text_freeze_layer_norm)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
+
+
+def compile_backend(name: str) -> str:
+    """argparse type of --torchcompile-backend: a backend torch.compile knows, so a typo fails at
+    parse time rather than at the first step."""
+    known = torch.compiler.list_backends(exclude_tags=())
+    if name not in known:
+        common = [b for b in ("inductor", "aot_eager", "eager", "cudagraphs") if b in known]
+        raise argparse.ArgumentTypeError(f"{name!r}: must be a torch.compile backend ({', '.join(common)}, ...; "
+                                         "see torch.compiler.list_backends())")
+    return name
+
+
+def compile_options(args) -> Optional[dict]:
+    """torch.compile's keyword arguments from --torchcompile-backend / --torchcompile-mode, or
+    None without --torchcompile. Training hands them to parallel.distribute, which compiles the
+    module the training closure calls (NSO's and SAM's in-place perturbations change no guard, so
+    no step after the first recompiles); the bare model stays uncompiled: checkpoints save it,
+    evaluation runs it and the Hessian differentiates it twice (aot_autograd has no double
+    backward)."""
+    if not args.torchcompile:
+        return None
+    return {"backend": args.torchcompile_backend or DEFAULT_COMPILE_BACKEND, "mode": args.torchcompile_mode}
+
+
+def compile_model(module: torch.nn.Module, args) -> Optional[torch.nn.Module]:
+    """torch.compile of `module` with the --torchcompile-* flags, or None without --torchcompile
+    (the Hessian CLI's finite differences)."""
+    options = compile_options(args)
+    return torch.compile(module, **options) if options is not None else None

@@ -8,6 +8,7 @@ from . import curvature, logger, loss, nso, parallel, remote, sam
 from .checkpoint import CHECKPOINT_KINDS
 from .checks import command_line, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from .errors import NsoclipError
+from .model import COMPILE_MODES, DEFAULT_COMPILE_BACKEND, compile_backend
 from .optim import OPTIMIZERS
 from .precision import PRECISIONS, default_precision
 from .spectral import HUTCHINSON_BLOCK
@@ -23,7 +24,6 @@ UNSUPPORTED = {
     "--horovod": "Horovod is not supported; launch the same command with torchrun or srun (torch.distributed)",
     "--trace": "--trace (an inference-only traced model, which OpenCLIP cannot train either) is not supported; "
                "evaluate checkpoints with python -m nsoclip.zeroshot",
-    "--torchcompile": "torch.compile is not supported by the NSO/SAM step yet; train without it (eager)",
     "--distill-model": "distillation is not supported; train with the contrastive loss (drop the --distill-* flags)",
     "--distill-pretrained": "distillation is not supported; train with the contrastive loss (drop the --distill-* flags)",
     "--use-bnb-linear": "bitsandbytes int8 linear layers are not supported (NSO and SAM perturb floating-point "
@@ -102,6 +102,17 @@ def add_model_args(parser):
                        help="Weight of the captioning loss (CoCa models).")
     group.add_argument("--coca-contrastive-loss-weight", type=NON_NEGATIVE.flag(), default=1.0,
                        help="Weight of the contrastive loss (CoCa models).")
+
+
+def add_compile_args(parser):
+    group = parser.add_argument_group("compile")
+    group.add_argument("--torchcompile", action="store_true", default=False,
+                       help="torch.compile the model the training step calls (every --opt; the saved, "
+                            "evaluated and Hessian model stays uncompiled).")
+    group.add_argument("--torchcompile-backend", type=compile_backend, default=None,
+                       help=f"torch.compile backend, e.g. inductor or aot_eager (default: {DEFAULT_COMPILE_BACKEND}).")
+    group.add_argument("--torchcompile-mode", choices=COMPILE_MODES, default=None,
+                       help="torch.compile mode of the inductor backend (default: default).")
 
 
 def add_distributed_args(parser):
@@ -338,6 +349,7 @@ def build_parser():
     add_data_args(parser)
     add_model_args(parser)
     add_training_args(parser)
+    add_compile_args(parser)
     add_distributed_args(parser)
     add_sharding_args(parser)
     add_eval_args(parser)
@@ -420,6 +432,9 @@ def validate(args):
     if args.torchscript and args.use_bn_sync:
         raise UsageError("--torchscript with --use-bn-sync: SyncBatchNorm cannot be swapped into a scripted model "
                          "(drop one of them)")
+    if args.torchscript and args.torchcompile:
+        raise UsageError("--torchscript with --torchcompile: torch.compile does not take a scripted model "
+                         "(drop one of them; --torchcompile is the supported one)")
     if args.pretrained_image and args.pretrained:
         raise UsageError("--pretrained-image has no effect with --pretrained: the CLIP weights replace the "
                          "image tower's (drop one of them)")
@@ -430,6 +445,7 @@ def validate(args):
         raise UsageError(f"--nso-sigma-schedule {args.nso_sigma_schedule} needs --nso-sigma-ramp-steps > 0")
     validate_hessian(args)
     validate_sharding(args)
+    validate_compile(args)
     if args.lr_scheduler == "const-cooldown" and args.epochs_cooldown is None:
         raise UsageError("--lr-scheduler const-cooldown needs --epochs-cooldown")
     if args.epochs_cooldown is not None and not 0 <= args.epochs_cooldown < args.epochs:
@@ -478,3 +494,15 @@ def validate_hessian(args):
     """The cross-flag rule of the --hessian-* flags, shared by training and nsoclip-hessian."""
     if args.hessian_top_k > args.hessian_max_iter:
         raise UsageError(f"--hessian-max-iter {args.hessian_max_iter}: must be >= --hessian-top-k")
+
+
+def validate_compile(args):
+    """The cross-flag rules of the --torchcompile-* flags, shared by training and nsoclip-hessian."""
+    for flag, value in (("--torchcompile-backend", args.torchcompile_backend),
+                        ("--torchcompile-mode", args.torchcompile_mode)):
+        if value is not None and not args.torchcompile:
+            raise UsageError(f"{flag} {value} needs --torchcompile")
+    backend = args.torchcompile_backend or DEFAULT_COMPILE_BACKEND
+    if args.torchcompile_mode not in (None, "default") and backend != "inductor":
+        raise UsageError(f"--torchcompile-mode {args.torchcompile_mode}: a mode of the inductor backend, "
+                         f"which --torchcompile-backend {backend} would ignore")

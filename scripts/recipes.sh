@@ -68,30 +68,35 @@ train_flags() {
     require_env LOGS "<folder for run folders, on storage every node sees>"
     require_count TRAIN_NUM_SAMPLES
 
-    local recipe=${RECIPE:-adamw} model=${MODEL:-ViT-S-16} precision=${PRECISION:-amp}
+    local recipe=${RECIPE:-adamw} model=${MODEL:-ViT-S-16} precision=${PRECISION:-amp} batch=${BATCH_SIZE:-128}
     local sigma=${NSO_SIGMA:-0.01} rho=${SAM_RHO:-0.05} epochs=30 tag
+    [[ $batch =~ ^[1-9][0-9]*$ ]] || die "BATCH_SIZE=$batch: must be a positive integer"
     local nso=(--opt nso --nso-sigma "$sigma" --nso-num-perturbs 1 --nso-two-point --nso-lam 0)
     local optimizer
     case $recipe in
         adamw) optimizer=(--opt adamw) tag="" ;;
         nso) optimizer=("${nso[@]}") tag="-sigma$sigma" ;;
-        # NSO with k=1 two-point costs two forward/backward passes per step: half the epochs
-        # spends the same compute as the AdamW baseline.
+        # Compute-matched to 30 epochs of k=1 two-point NSO (two forward/backward passes per step):
+        # NSO with half the epochs matches the AdamW baseline; AdamW with twice the batch (the
+        # same steps as NSO, each pass over twice the samples: more negatives) or twice the steps
+        # matches NSO.
         nso-compute-matched) optimizer=("${nso[@]}") tag="-sigma$sigma" epochs=15 ;;
+        adamw-2x-batch) optimizer=(--opt adamw) tag="" epochs=60 batch=$((2 * batch)) ;;
+        adamw-2x-steps) optimizer=(--opt adamw) tag="" epochs=60 ;;
         sam) optimizer=(--opt sam --sam-rho "$rho") tag="-rho$rho" ;;
         # A model too large for DDP's whole copy per GPU: parameters, gradients, AdamW state and
         # NSO's snapshot sharded over all ranks (FSDP2), bf16 compute, sharded step checkpoints.
         nso-fsdp)
             optimizer=("${nso[@]}" --fsdp --fsdp-checkpoint sharded --grad-checkpointing) tag="-sigma$sigma"
             model=${MODEL:-ViT-H-14} precision=${PRECISION:-amp_bf16} ;;
-        *) die "RECIPE=$recipe: choose adamw, nso, nso-compute-matched, sam or nso-fsdp" ;;
+        *) die "RECIPE=$recipe: choose adamw, nso, nso-compute-matched, adamw-2x-batch, adamw-2x-steps, sam or nso-fsdp" ;;
     esac
     local model_tag=${model##*/}
-    RUN_NAME=${NAME:-$recipe-${model_tag%.json}$tag}
+    RUN_NAME=${NAME:-$recipe-${model_tag%.json}$tag${NAME_SUFFIX:-}}
 
     TRAIN_FLAGS=(
         --train-data "$TRAIN_DATA" --train-num-samples "$TRAIN_NUM_SAMPLES" --dataset-type webdataset
-        --model "$model" --batch-size "${BATCH_SIZE:-128}" --workers "${WORKERS:-8}"
+        --model "$model" --batch-size "$batch" --workers "${WORKERS:-8}"
         --precision "$precision" --local-loss --gather-with-grad
         --lr 1e-3 --wd 0.1 --warmup 10000 --epochs "$epochs" "${optimizer[@]}"
         --seed "${SEED:-0}" --logs "$LOGS" --name "$RUN_NAME" --resume latest

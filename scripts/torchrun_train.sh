@@ -21,7 +21,9 @@ train_flags
 
 nnodes=${NNODES:-1}
 [[ $nnodes =~ ^[1-9][0-9]*$ ]] || die "NNODES=$nnodes: must be a positive integer"
-launcher=(torchrun --nproc_per_node="${NPROC_PER_NODE:-gpu}" --max-restarts="${MAX_RESTARTS:-0}")
+# torchrun through $PYTHON (python -m torch.distributed.run is torchrun).
+launcher=("${PYTHON:-python}" -m torch.distributed.run --nproc_per_node="${NPROC_PER_NODE:-gpu}"
+          --max-restarts="${MAX_RESTARTS:-0}")
 if [[ $nnodes == 1 ]]; then
     launcher+=(--standalone)
 else
@@ -29,5 +31,6 @@ else
     launcher+=(--nnodes="$nnodes" --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT"
                --rdzv-id="${RDZV_ID:-$RUN_NAME}")
 fi
-# `--` ends torchrun's own options: without it torchrun rejects --logs as an ambiguous --logs-specs.
-launch "${launcher[@]}" -m -- nsoclip.main "${TRAIN_FLAGS[@]}" "$@"
+# The `--` after the module keeps our flags away from torchrun's parser: without it torchrun
+# rejects --logs as an ambiguous --logs-specs.
+launch "${launcher[@]}" -m nsoclip.main -- "${TRAIN_FLAGS[@]}" "$@"

@@ -29,5 +29,7 @@ nproc=${NPROC_PER_NODE:-1}
 if [[ $nproc == 1 ]]; then
     launch "${PYTHON:-python}" -m nsoclip.zeroshot "${flags[@]}" "$@"
 fi
-# `--` ends torchrun's options, so no flag of ours is taken for an abbreviation of one of them.
-launch torchrun --standalone --nproc_per_node="$nproc" -m -- nsoclip.zeroshot "${flags[@]}" "$@"
+# torchrun through $PYTHON (python -m torch.distributed.run is torchrun); the `--` after the module
+# keeps our flags away from torchrun's own parser.
+launch "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
+    -m nsoclip.zeroshot -- "${flags[@]}" "$@"

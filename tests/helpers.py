@@ -11,12 +11,16 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.distributed as dist
 
 from nsoclip.checkpoint import load_checkpoint
+from nsoclip.distributed import World
 from nsoclip.launch import child_env, free_port, python_command, spawn_local_ranks as run_ranks  # noqa: F401
+from nsoclip.parallel import Layout
 from nsoclip.params import Parser, add_model_args
+from nsoclip.train import Run, make_closure
 
 CONFIGS = Path(__file__).parent / "configs"
 REPO = Path(__file__).resolve().parent.parent
@@ -132,8 +136,8 @@ def logged_losses(run_dir):
 def assert_same_weights(a, b, atol=1e-5, rtol=1e-4, key_bias_atol=1e-4):
     """The attention key bias is the exception: softmax is invariant to it, so its gradient is
     zero up to rounding, and AdamW's normalisation turns that rounding into lr-sized steps that
-    depend on summation order. It gets a looser bound (at most lr per step); every other tensor
-    the tight one."""
+    depend on summation order. It gets a looser bound (up to lr x steps); every other tensor the
+    tight one."""
     assert a.keys() == b.keys()
     for key in a:
         x, y = a[key], b[key]
@@ -207,3 +211,39 @@ def count_all_reduces(ddp_model) -> list:
 
     ddp_model.register_comm_hook(state=None, hook=hook)
     return counter
+
+
+def loop_closure(model, batches):
+    """The training loop's closure over `batches` (fp32, one process, the contrastive loss)."""
+    run = Run(args=Namespace(precision="fp32"), world=World(), model=model, layout=Layout(model),
+              loss=open_clip.ClipLoss(), optimizer=None, scaler=None, schedule=None, checkpoints=None, metrics=None)
+    return make_closure(run, batches)
+
+
+# ---- small data sets on disk (zero-shot folder, csv, webdataset shards) for runs that need files
+
+def write_eval_data(root) -> dict:
+    """A 2-class zero-shot folder with its class names and templates, a 4-row csv and 4 webdataset
+    shards of 4 samples each (with sizes.json); {name: path as str}."""
+    from PIL import Image
+
+    from nsoclip.shards import write_shards
+
+    root = Path(root)
+    images = []
+    for index in range(16):
+        label = index % 2
+        image = Image.new("RGB", (32, 32), (40 + 100 * label, 20 * (index % 8), 90))
+        images.append((image, f"a {'red' if label else 'dark'} square number {index}"))
+        if index < 4:
+            folder = root / "kinds" / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{index}.png")
+            image.save(root / f"csv-{index}.png")
+    (root / "classes.txt").write_text("dark\nred\n")
+    (root / "templates.txt").write_text("a photo of a {} square.\n")
+    (root / "data.csv").write_text("filepath\ttitle\n" + "".join(f"csv-{i}.png\t{images[i][1]}\n" for i in range(4)))
+    write_shards(images, root / "shards", maxcount=4)
+    return {"zeroshot": str(root / "kinds"), "classnames": str(root / "classes.txt"),
+            "templates": str(root / "templates.txt"), "csv": str(root / "data.csv"),
+            "shards": str(root / "shards" / "shard-{000000..000003}.tar")}

@@ -1,6 +1,6 @@
 """The demo's data preparation (split, images, captions, shards, zero-shot tree), its output
 folder rules and its stage runner's progress and failure reporting. The demo end to end is not
-run here: its 4 torchrun jobs take about 95 s even with 1 epoch (see docs/demo.md)."""
+run here: its 8 torchrun jobs take several minutes even with 1 epoch (see docs/demo.md)."""
 import argparse
 import io
 import json
@@ -172,3 +172,26 @@ def test_progress_lines_summarise_epochs_and_zero_shot(tmp_path):
     assert demo.hessian_summary({"trace": None, "stderr": None, "top_eigenvalues": []}) == \
         "    Hessian trace n/a ± n/a, top eigenvalue n/a"
 
+
+
+def test_arms_seeds_and_flags_of_the_comparison(tmp_path):
+    """Two training seeds per arm, run folders named so that the report groups them; the
+    compute-matched AdamW arm on request; every Hessian on the data seed's batches."""
+    args = demo.build_parser().parse_args([])
+    assert args.seeds == [0, 1] and not args.compute_matched
+    assert [(arm.name, arm.epochs) for arm in demo.arms(args)] == [("adamw", 12), ("nso", 12)]
+    matched = demo.build_parser().parse_args(["--compute-matched", "--epochs", "3", "--seeds", "4,7,9"])
+    assert [(arm.name, arm.epochs) for arm in demo.arms(matched)] == [("adamw", 3), ("nso", 3), ("adamw-2x-steps", 6)]
+    assert matched.seeds == [4, 7, 9]
+    for bad in ("0,x", "1,1"):
+        with pytest.raises(SystemExit):
+            demo.build_parser().parse_args(["--seeds", bad])
+    data = demo.DemoData(train_pattern="shards/{0..3}.tar", num_train=1497, zeroshot_dir=tmp_path,
+                         classnames=tmp_path / "c.txt", templates=tmp_path / "t.txt")
+    arm = demo.arms(matched)[2]
+    flags = [str(f) for f in demo.train_flags(matched, data, "demo.json", tmp_path, "adamw-2x-steps-seed7", arm, 7)]
+    assert flags[flags.index("--seed") + 1] == "7" and flags[flags.index("--epochs") + 1] == "6"
+    assert flags[flags.index("--save-frequency") + 1] == "6"
+    hessian = [str(f) for f in demo.hessian_flags(matched, data, "demo.json", tmp_path / "run", 6)]
+    assert hessian[hessian.index("--seed") + 1] == str(matched.seed)
+    assert hessian[hessian.index("--resume") + 1].endswith("checkpoints/epoch_6.pt")

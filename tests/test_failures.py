@@ -288,7 +288,7 @@ def test_failed_starts_leave_nothing_that_blocks_the_corrected_command(inputs, t
 def test_gradscaler_overflow_is_not_a_nonfinite_step(caplog):
     """An fp16 overflow skip at a healthy loss scale is logged as such and not counted; once the
     scale has collapsed, skips count towards --max-nonfinite-steps."""
-    run = Run(args=type("Args", (), {"max_nonfinite_steps": 3})(), world=None, model=None, ddp_model=None,
+    run = Run(args=type("Args", (), {"max_nonfinite_steps": 3})(), world=None, model=None, layout=None,
               loss=None, optimizer=None, scaler=None, schedule=None, checkpoints=None, metrics=None)
     finite, overflow = torch.tensor(2.5), UpdateResult(torch.tensor(float("inf")), applied=False, loss_scale=65536.0)
     with caplog.at_level("INFO"):

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torch._dynamo.utils import counters
 
 from helpers import (TINY, assert_same_weights, finish, init_gloo, launch, read, run_cli, run_ranks, wait_until,
                      weights, workers_of)
@@ -25,12 +26,13 @@ from helpers import (TINY, assert_same_weights, finish, init_gloo, launch, read,
 from nsoclip.bench.fsdp import CollectiveCounter, unit_sizes
 from nsoclip.checkpoint import CheckpointError, Checkpointer, latest_checkpoint
 from nsoclip.classification import zero_shot_sets
+from nsoclip.compute import ComputeMeter
 from nsoclip.data import get_data
 from nsoclip.distributed import World
 from nsoclip.evaluate import evaluate
 from nsoclip.loss import create_loss
 from nsoclip.main import sharding_options
-from nsoclip.model import create_model_and_transforms, prepare_for_training, resolve_model_name
+from nsoclip.model import compile_options, create_model_and_transforms, prepare_for_training, resolve_model_name
 from nsoclip.optim import create_optimizer
 from nsoclip.parallel import Layout, distribute, full_tensor, local_view
 from nsoclip.params import UsageError, parse_args
@@ -45,6 +47,8 @@ OPTIMIZERS = {
     "adamw": ["--grad-checkpointing"],
     "nso": ["--opt", "nso", "--nso-sigma", "0.01", "--accum-freq", "2", "--grad-clip-norm", "1.0"],
     "sam": ["--opt", "sam", "--sam-ascent", "global", "--sam-rho", "0.05", "--lock-image"],
+    # Noise relative to w: rows of a dim-0 shard are whole, 1-d tensors need the norm over shards.
+    "nso-filter": ["--opt", "nso", "--nso-sigma", "0.05", "--nso-noise-scale", "filter"],
 }
 # Counted on their own (no accumulation or recomputation, whose extra passes the counts would mix in).
 COUNTED = {"adamw": [], "nso": ["--opt", "nso"], "nso-step": ["--opt", "nso", "--fsdp-grad-reduce", "step"],
@@ -80,9 +84,9 @@ def build(world, args, initial, resume=None):
     checkpoints = Checkpointer(Path(args.logs) / "checkpoints", args, world)
     checkpoint = checkpoints.load(resume, model) if resume is not None else None
     prepare_for_training(model, args)
-    layout = distribute(model, world, sharding=sharding_options(args))
+    layout = distribute(model, world, sharding=sharding_options(args), compile=compile_options(args))
     optimizer = create_optimizer(args, model, layout)
-    run = Run(args=args, world=world, model=model, layout=layout, loss=create_loss(args, world),
+    run = Run(args=args, world=world, model=model, layout=layout, loss=create_loss(args, world, model),
               optimizer=optimizer, scaler=None, schedule=LRSchedule(optimizer, args, STEPS), checkpoints=checkpoints,
               metrics=None)
     if resume is not None:
@@ -190,6 +194,17 @@ def fsdp_extras(world, initial, data, workspace):
                         "fsdp_to_fsdp": resumed(world, ["--fsdp"], workspace / "fsdp", initial, data)}}
 
 
+def compiled_fsdp_nso(world, initial, data) -> dict:
+    """NSO (accumulation, clipping) under --fsdp --torchcompile: each residual block compiled before
+    it is sharded (aot_eager, bitwise equal to eager); no step after the first recompiles."""
+    run = build(world, train_args(*OPTIMIZERS["nso"], "--fsdp", "--torchcompile", "--torchcompile-backend",
+                                  "aot_eager"), initial)
+    train(run, data, steps=1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train(run, data)
+    return {"weights": run.layout.model_state_dict(), "graphs": counters["stats"]["unique_graphs"]}
+
+
 def two_rank_worker(rank, world_size, port, initial_path, data_path, workspace):
     init_gloo(rank, world_size, port)
     world = World(rank=rank, world_size=world_size)
@@ -198,6 +213,7 @@ def two_rank_worker(rank, world_size, port, initial_path, data_path, workspace):
     workspace = Path(workspace)
     result = {"fsdp": layout_record(world, "fsdp", initial, data, workspace),
               "ddp": layout_record(world, "ddp", initial, data, workspace),
+              "fsdp_compiled": compiled_fsdp_nso(world, initial, data),
               **fsdp_extras(world, initial, data, workspace)}
     torch.save(result, workspace / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -252,14 +268,23 @@ def test_fsdp_equals_ddp_equals_one_process(layouts, optimizer):
 
 
 @pytest.mark.slow
+def test_compiled_fsdp_nso_equals_eager_fsdp(layouts):
+    for rank in layouts["ranks"]:
+        assert rank["fsdp_compiled"]["graphs"] >= 1
+    compiled, eager = layouts["ranks"][0]["fsdp_compiled"]["weights"], layouts["ranks"][0]["fsdp"]["nso"]["weights"]
+    assert_same_weights(compiled, eager, atol=1e-7, rtol=1e-6, key_bias_atol=1e-7)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_perturbed_weights_are_identical_in_every_layout(layouts, optimizer):
     """The weights each pass of the first step runs at, gathered whole inside the closure: bit for
     bit the same on both FSDP2 ranks, both DDP ranks and the single process, including tensors
     whose first dimension does not split evenly over 2 ranks. (SAM's ascent point follows the
-    all-reduced gradient, whose rounding depends on the reduction: equal within float error.)"""
+    all-reduced gradient, whose rounding depends on the reduction, and filter noise of a 1-d tensor
+    follows its norm, summed over the shards: equal within float error.)"""
     reference = layouts["single"][optimizer]["passes"]
-    assert len(reference) == {"adamw": 1, "nso": 2, "sam": 2}[optimizer]
+    assert len(reference) == {"adamw": 1, "nso": 2, "sam": 2, "nso-filter": 2}[optimizer]
     for rank in layouts["ranks"]:
         for kind in ("fsdp", "ddp"):
             passes = rank[kind][optimizer]["passes"]
@@ -267,7 +292,7 @@ def test_perturbed_weights_are_identical_in_every_layout(layouts, optimizer):
             for number, (got, want) in enumerate(zip(passes, reference)):
                 for key in want:
                     value = got[key].reshape(want[key].shape)
-                    if optimizer == "sam" and number == 1:
+                    if (optimizer == "sam" and number == 1) or optimizer == "nso-filter":
                         torch.testing.assert_close(value, want[key], atol=1e-7, rtol=0, msg=f"{kind} {key}")
                     else:
                         assert torch.equal(value, want[key]), (kind, number, key)
@@ -394,11 +419,13 @@ def test_kill9_of_one_rank_resumes_from_a_sharded_checkpoint_bit_identically(tmp
 
 @pytest.mark.parametrize("extra,message", [
     (["--fsdp", "--ddp-static-graph"], "--ddp-static-graph is a DDP setting"),
-    (["--fsdp"], "--precision amp with --fsdp: use fp32, amp_bf16, amp_bfloat16, pure_bf16"),
+    (["--fsdp", "--precision", "amp"], "--precision amp with --fsdp: use fp32, amp_bf16, amp_bfloat16, pure_bf16"),
     (["--fsdp", "--precision", "fp32", "--opt", "sam"], "--sam-ascent local needs every rank to hold the whole model"),
     (["--fsdp", "--precision", "fp32", "--hessian-frequency", "1"], "--hessian-frequency with --fsdp needs"),
     (["--fsdp", "--precision", "amp_bf16", "--hessian-frequency", "1", "--hessian-hvp", "finite_difference"],
      "--hessian-frequency with --fsdp needs"),
+    (["--fsdp", "--precision", "fp32", "--torchscript"], "--torchscript with --fsdp"),
+    (["--fsdp", "--precision", "fp32", "--use-bn-sync"], "--use-bn-sync with --fsdp"),
     (["--fsdp-checkpoint", "sharded"], "--fsdp-checkpoint sharded needs --fsdp"),
     (["--fsdp-offload-cpu"], "--fsdp-offload-cpu needs --fsdp"),
     (["--fsdp-grad-reduce", "step"], "--fsdp-grad-reduce step needs --fsdp"),
@@ -416,7 +443,8 @@ def small_run(args, seed):
     for p in model.parameters():  # some optimizer state to save
         optimizer.state[p] = {"step": torch.tensor(float(seed)), "exp_avg": torch.full_like(p, seed),
                               "exp_avg_sq": torch.full_like(p, seed + 1)}
-    return SimpleNamespace(model=model, layout=layout, optimizer=optimizer, step=0, scaler=None, nonfinite_total=seed)
+    return SimpleNamespace(model=model, layout=layout, optimizer=optimizer, step=0, scaler=None, nonfinite_total=seed,
+                           compute=ComputeMeter())
 
 
 def test_sharded_checkpoint_folders_incomplete_or_unsafe_are_never_resumed(tmp_path, caplog):

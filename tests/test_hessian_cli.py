@@ -162,7 +162,9 @@ def test_bad_input_exits_2_with_one_line(single_run, tmp_path, capsys):
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+        errors = [line for line in err if line.startswith("error: ")]  # after the log lines, if any
+        assert len(errors) == 1 and err[-1] == errors[0] and message in errors[0], err
+        assert not any("Traceback" in line for line in err), err
 
 
 def test_progress_bars_count_products(single_run, capsys):

@@ -8,12 +8,15 @@ import open_clip
 import pytest
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from helpers import (count_all_reduces, flat, gradient_at, init_gloo, mlp, mlp_batch, mlp_loss, recording_closure,
                      run_ranks)
+from nsoclip.distributed import World
 from nsoclip.model import resolve_model_name
 from nsoclip.nso import NSO
+from nsoclip.parallel import distribute, unwrap
 from nsoclip.rng import derive_seed
 
 
@@ -324,6 +327,13 @@ def test_base_optimizer_must_be_a_class_not_an_instance():
 # ---- two gloo ranks ---------------------------------------------------------------------------
 
 CLIP_STEPS = 3
+SCALES = ("filter", "layer", "element")
+SCALED_STEPS = 2
+
+
+def scaled_nso(params, noise_scale, ddp_model=None):
+    return NSO(params, torch.optim.SGD, sigma=0.05, seed=5, noise_scale=noise_scale, ddp_model=ddp_model,
+               lr=0.5, momentum=0.9)
 
 
 def clip_nso(model_params, ddp_model=None):
@@ -390,8 +400,56 @@ def clip_world_worker(rank, world_size, port, config, initial, data, out_dir):
     heavy.step(micro_batch_closure)
     counts["nested_no_sync"] = all_reduces[0] - before
     result["variant_all_reduces"] = counts
+
+    # Noise relative to the weights: fresh models from the same initial weights.
+    result["scaled"] = {}
+    for noise_scale in SCALES:
+        scaled_model = open_clip.create_model(resolve_model_name(config), output_dict=True)
+        scaled_model.load_state_dict(torch.load(initial, weights_only=True))
+        scaled_ddp = DDP(scaled_model)
+        scaled_opt = scaled_nso(scaled_ddp.parameters(), noise_scale, scaled_ddp)
+
+        def scaled_closure():
+            loss = loss_fn(**scaled_ddp(images, texts))
+            loss.backward()
+            return loss
+
+        for _ in range(SCALED_STEPS):
+            scaled_opt.step(scaled_closure)
+        result["scaled"][noise_scale] = {k: v.clone() for k, v in scaled_model.state_dict().items()}
+    result.update(compiled_ddp_steps(rank, world_size, config, initial, images, texts, loss_fn))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def compiled_ddp_steps(rank, world_size, config, initial, images, texts, loss_fn) -> dict:
+    """The same NSO steps from the same start through --torchcompile's layout, torch.compile(DDP)
+    (OpenCLIP's order; aot_eager is bitwise equal to eager), counting all-reduces and asserting
+    that no step after the first recompiles."""
+    model = open_clip.create_model(resolve_model_name(config), output_dict=True)
+    model.load_state_dict(torch.load(initial, weights_only=True))
+    layout = distribute(model, World(rank=rank, world_size=world_size), compile=dict(backend="aot_eager", mode=None))
+    ddp_model = layout.forward_model._orig_mod
+    assert isinstance(ddp_model, DDP) and unwrap(layout.forward_model) is model
+    assert unwrap(DDP(torch.compile(model))) is model
+    all_reduces = count_all_reduces(ddp_model)
+    opt = clip_nso(model.parameters(), layout)
+
+    def closure():
+        loss = loss_fn(**layout.forward_model(images, texts))
+        loss.backward()
+        return loss
+
+    per_step = []
+    for step in range(CLIP_STEPS):
+        before = all_reduces[0]
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            opt.step(closure)
+        per_step.append(all_reduces[0] - before)
+    result = {"compiled_all_reduces": per_step, "compiled_graphs": counters["stats"]["unique_graphs"]}
+    if rank == 0:
+        result["compiled_state_dict"] = {k: v.clone() for k, v in model.state_dict().items()}
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -422,7 +480,22 @@ def clip_two_ranks(tmp_path_factory):
 
     for _ in range(CLIP_STEPS):
         opt.step(closure)
-    return {"ranks": ranks, "initial": torch.load(initial, weights_only=True), "single": model.state_dict()}
+    scaled = {}
+    for noise_scale in SCALES:
+        single = open_clip.create_model(resolve_model_name(config), output_dict=True)
+        single.load_state_dict(torch.load(initial, weights_only=True))
+        scaled_opt = scaled_nso(single.parameters(), noise_scale)
+
+        def scaled_closure():
+            loss = loss_fn(**single(images, texts))
+            loss.backward()
+            return loss
+
+        for _ in range(SCALED_STEPS):
+            scaled_opt.step(scaled_closure)
+        scaled[noise_scale] = single.state_dict()
+    return {"ranks": ranks, "initial": torch.load(initial, weights_only=True), "single": model.state_dict(),
+            "scaled": scaled}
 
 
 @pytest.mark.slow
@@ -441,6 +514,16 @@ def test_exactly_one_gradient_all_reduce_per_step(clip_two_ranks):
 
 
 @pytest.mark.slow
+def test_compiled_ddp_equals_eager_ddp_with_one_all_reduce_per_step(clip_two_ranks):
+    for rank in clip_two_ranks["ranks"]:
+        assert rank["compiled_all_reduces"] == [1] * CLIP_STEPS
+        assert rank["compiled_graphs"] >= 1
+    eager, compiled = (clip_two_ranks["ranks"][0][key] for key in ("state_dict", "compiled_state_dict"))
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.slow
 def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(clip_two_ranks):
     """Why the objectives agree: with local_loss + gather_with_grad, rank r's loss L_r is the
     contrastive loss of its B/2 rows against all B columns, so mean_r L_r is exactly the
@@ -455,3 +538,261 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(clip_tw
     assert moved > 1e-3
     for key in single:
         torch.testing.assert_close(two_ranks[key], single[key], rtol=1e-4, atol=2e-6, msg=key)
+
+
+# ---- noise relative to the weights, per-group sigma, schedules of perturbed steps ------------
+
+def scaled_tensors():
+    """A matrix whose rows differ in scale by 30x, a 1-d tensor and a scalar."""
+    generator = torch.Generator().manual_seed(4)
+    rows = torch.logspace(-1.5, 0, 8).unsqueeze(1)
+    matrix = torch.nn.Parameter(torch.randn(8, 4000, generator=generator) * rows)
+    vector = torch.nn.Parameter(torch.randn(3000, generator=generator) * 0.3)
+    scalar = torch.nn.Parameter(torch.tensor(-2.0))
+    return [matrix, vector, scalar]
+
+
+def noise_of_one_step(params, noise_scale, two_point=False, **kwargs):
+    """The perturbations e (point - w) NSO evaluated at, per pass and tensor."""
+    start = [p.detach().clone() for p in params]
+    points = []
+
+    def closure():
+        points.append([(p.detach() - s) for p, s in zip(params, start)])
+        loss = sum((p * p).sum() for p in params)
+        loss.backward()
+        return loss
+
+    NSO(params, torch.optim.SGD, sigma=0.1, two_point=two_point, noise_scale=noise_scale, lr=0.0,
+        **kwargs).step(closure)
+    return start, points
+
+
+@pytest.mark.parametrize("noise_scale", ["absolute", "filter", "layer", "element"])
+def test_noise_std_follows_the_scale_rule(noise_scale):
+    sigma, eta = 0.1, 0.01
+    (matrix, vector, scalar), [noise] = noise_of_one_step(scaled_tensors(), noise_scale, noise_eta=eta)
+    e_matrix, e_vector, e_scalar = noise
+    row_std = e_matrix.std(dim=1)
+    if noise_scale == "absolute":
+        expected_rows, expected_vector = torch.full((8,), sigma), sigma
+    elif noise_scale == "filter":
+        expected_rows = sigma * matrix.norm(dim=1) / math.sqrt(matrix.shape[1])
+        expected_vector = sigma * vector.norm() / math.sqrt(vector.numel())
+        assert abs(e_scalar) > 0 and e_scalar.abs() < 6 * sigma * abs(scalar)
+    elif noise_scale == "layer":
+        expected_rows = torch.full((8,), float(sigma * matrix.norm() / math.sqrt(matrix.numel())))
+        expected_vector = sigma * vector.norm() / math.sqrt(vector.numel())
+    else:  # element: e / (sigma (|w| + eta)) is unit-std noise, in every row whatever its scale
+        standardised = e_matrix / (sigma * (matrix.abs() + eta))
+        torch.testing.assert_close(standardised.std(dim=1), torch.ones(8), rtol=0.05, atol=0)
+        assert abs(float((e_vector / (sigma * (vector.abs() + eta))).std()) - 1) < 0.05
+        return
+    # Each row's std has a relative standard error of about 1/sqrt(2 * 4000) = 1.1%.
+    torch.testing.assert_close(row_std, expected_rows.float(), rtol=0.05, atol=0)
+    assert abs(float(e_vector.std()) / float(expected_vector) - 1) < 0.05
+    if noise_scale == "filter":  # rows 30x apart get noise 30x apart
+        assert row_std[-1] / row_std[0] > 20
+
+
+@pytest.mark.parametrize("noise_scale", ["filter", "layer", "element"])
+def test_relative_noise_pairs_stay_antithetic(noise_scale):
+    """Norms come from the snapshot: w - e mirrors w + e exactly (up to one float rounding)."""
+    _, points = noise_of_one_step(scaled_tensors(), noise_scale, two_point=True)
+    plus, minus = points
+    for e_plus, e_minus in zip(plus, minus):
+        torch.testing.assert_close(e_minus, -e_plus, rtol=0, atol=1e-6)
+        assert e_plus.abs().max() > 0
+
+
+def test_relative_std_of_a_dim0_shard_is_the_shard_of_the_whole():
+    """The contract a sharded layout relies on: filter rows are local to a dim-0 shard; a
+    tensor-wide norm needs the sum of the shards' sums of squares (one reduction) and the whole
+    tensor's numel."""
+    from nsoclip.nso import relative_std, sum_of_squares
+    weights = scaled_tensors()[0].detach()
+    whole = relative_std("filter", weights)
+    shards = weights.chunk(3)
+    offsets = [0, *torch.tensor([len(s) for s in shards]).cumsum(0).tolist()]
+    for shard, start in zip(shards, offsets):
+        torch.testing.assert_close(relative_std("filter", shard), whole[start:start + len(shard)], rtol=0, atol=0)
+    total = sum(sum_of_squares(shard) for shard in shards)
+    torch.testing.assert_close(relative_std("layer", shards[1], total, weights.numel()),
+                               relative_std("layer", weights), rtol=1e-6, atol=0)
+
+
+def test_reduce_hook_gets_the_tensor_wide_sums_once_per_step():
+    calls = []
+
+    def reduce(sums):
+        calls.append([float(s) for s in sums])
+        return sums
+
+    params = scaled_tensors()
+    _, [noise] = noise_of_one_step(params, "filter", reduce=reduce)
+    # filter: the 1-d tensor and the scalar need tensor-wide norms, the matrix's rows do not.
+    assert len(calls) == 1 and len(calls[0]) == 2
+    assert calls[0][1] == pytest.approx(4.0)
+    _, [doubled] = noise_of_one_step(scaled_tensors(), "filter", reduce=lambda sums: [4 * s for s in sums])
+    torch.testing.assert_close(doubled[1], 2 * noise[1])  # the norm is what reduce returned
+    torch.testing.assert_close(doubled[0], noise[0])
+
+
+def named_tiny_clip():
+    torch.manual_seed(0)
+    model = open_clip.create_model(resolve_model_name(os.path.join(os.path.dirname(__file__), "configs",
+                                                                   "tiny-vit.json")), output_dict=True)
+    return model
+
+
+def test_sigma_groups_assign_sigma_by_tower_and_name_first_match_wins():
+    model = named_tiny_clip()
+    names = [n for n, _ in model.named_parameters()]
+    opt = NSO(model.named_parameters(), torch.optim.SGD, sigma=0.02,
+              sigma_groups="visual.conv1=0.03,visual=0.01,text=0.005,logit_scale=0", lr=0.0)
+    sigma = dict(zip(names, opt.tensor_sigmas))
+    assert sigma["visual.conv1.weight"] == 0.03  # listed before 'visual': first match wins
+    assert sigma["visual.transformer.resblocks.0.attn.in_proj_weight"] == 0.01
+    assert sigma["visual.class_embedding"] == 0.01
+    # 'text' is the text tower (layout.tower_of), whose OpenCLIP names do not say "text".
+    assert sigma["transformer.resblocks.1.mlp.c_fc.weight"] == 0.005
+    assert sigma["token_embedding.weight"] == sigma["ln_final.weight"] == sigma["text_projection"] == 0.005
+    assert sigma["logit_scale"] == 0.0
+    assert set(opt.tensor_sigmas) == {0.03, 0.01, 0.005, 0.0}
+    # The rest keep --nso-sigma.
+    assert NSO(model.named_parameters(), torch.optim.SGD, sigma=0.02, sigma_groups=[("visual", 0.01)],
+               lr=0.0).tensor_sigmas[names.index("token_embedding.weight")] == 0.02
+
+    # The realised noise: each large tensor's std is its group's sigma; sigma 0 leaves it at w.
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = {}
+
+    def closure():
+        seen.update({n: p.detach() - start[n] for n, p in model.named_parameters()})
+        out = model(torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 16)))
+        loss = open_clip.ClipLoss()(**out)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert torch.equal(seen["logit_scale"], torch.zeros(()))
+    for name, noise in seen.items():
+        if noise.numel() >= 4000:
+            assert float(noise.std()) == pytest.approx(sigma[name], rel=0.1), name
+
+
+@pytest.mark.parametrize("groups,message", [
+    ("visual", "is not pattern=sigma"),
+    ("visual=abc", "is not a number"),
+    ("=0.1", "is not pattern=sigma"),
+    ("visual=-0.1", "must be a finite number >= 0"),
+    ("visual=0.1,visual=0.2", "is given twice"),
+    ("visual=0.1,vision=0.2", "'vision' matches no trainable parameter"),
+])
+def test_bad_sigma_groups_raise(groups, message):
+    from nsoclip.nso import SigmaGroupsError
+    with pytest.raises(SigmaGroupsError, match=message):
+        NSO(named_tiny_clip().named_parameters(), torch.optim.SGD, sigma=0.01, sigma_groups=groups, lr=0.0)
+
+
+def test_sigma_groups_need_parameter_names():
+    with pytest.raises(ValueError, match="named parameters"):
+        NSO(named_tiny_clip().parameters(), torch.optim.SGD, sigma=0.01, sigma_groups="visual=0.1", lr=0.0)
+
+
+def counting_closure(model, batch, calls):
+    def closure():
+        calls.append(flat(model.parameters()))
+        loss = mlp_loss(model, batch)
+        loss.backward()
+        return loss
+    return closure
+
+
+def test_every_and_start_step_choose_the_step_kinds():
+    """Steps t >= S with (t - S) % N == 0 are perturbed (two passes); the others are plain
+    steps from one pass at w, exactly the base optimizer's step."""
+    model, batch, reference = mlp(), mlp_batch(), mlp()
+    opt = NSO(model.parameters(), torch.optim.SGD, sigma=0.3, every=3, start_step=2, lr=0.1)
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    kinds = []
+    for step in range(9):
+        calls = []
+        start = flat(model.parameters())
+        opt.step(counting_closure(model, batch, calls))
+        kinds.append(opt.last_update.perturbed)
+        assert len(calls) == (2 if kinds[-1] else 1)
+        if not kinds[-1]:
+            assert torch.equal(calls[0], start) and set(opt.last_stats) == {"clean_loss", "grad_norm"}
+            reference.load_state_dict(model.state_dict())
+            torch.nn.utils.vector_to_parameters(start, reference.parameters())
+            reference_opt.zero_grad()
+            mlp_loss(reference, batch).backward()
+            reference_opt.step()
+            assert torch.equal(flat(reference.parameters()), flat(model.parameters()))
+    assert kinds == [False, False, True, False, False, True, False, False, True]
+
+
+def test_every_and_start_step_resume_exactly():
+    batch = mlp_batch()
+
+    def make(seed=2):
+        model = mlp()
+        return model, NSO(model.parameters(), torch.optim.AdamW, sigma=0.2, seed=seed, every=2, start_step=3, lr=1e-2)
+
+    model, opt = make()
+    points = []
+    for _ in range(8):
+        opt.step(counting_closure(model, batch, points))
+
+    interrupted, interrupted_opt = make()
+    for _ in range(5):
+        interrupted_opt.step(counting_closure(interrupted, batch, []))
+    buffer = io.BytesIO()
+    torch.save({"model": interrupted.state_dict(), "optimizer": interrupted_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed, resumed_opt = make(seed=7)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    resumed_points, kinds = [], []
+    for _ in range(3):
+        resumed_opt.step(counting_closure(resumed, batch, resumed_points))
+        kinds.append(resumed_opt.last_update.perturbed)
+    assert kinds == [True, False, True]  # steps 5, 6, 7 with S = 3, N = 2
+    # Steps 0-4 made 1+1+1+2+1 = 6 passes; the resumed steps 5-7 repeat passes 6.. exactly.
+    assert all(torch.equal(a, b) for a, b in zip(points[6:], resumed_points)) and len(resumed_points) == 5
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("noise_scale", SCALES)
+def test_relative_noise_two_ranks_equal_one_process(clip_two_ranks, noise_scale):
+    """Norms of w are the same on every rank, so every rank draws the same relative noise."""
+    two_ranks = [rank["scaled"][noise_scale] for rank in clip_two_ranks["ranks"]]
+    single, initial = clip_two_ranks["scaled"][noise_scale], clip_two_ranks["initial"]
+    assert all(torch.equal(two_ranks[0][k], two_ranks[1][k]) for k in single)
+    assert max(float((single[k] - initial[k]).abs().max()) for k in single) > 1e-3
+    for key in single:
+        torch.testing.assert_close(two_ranks[0][key], single[key], rtol=1e-4, atol=2e-6, msg=f"{noise_scale}: {key}")
+
+
+def test_added_parameter_group_gets_its_sigma():
+    model = named_tiny_clip()
+    named = list(model.named_parameters())
+    conv = next(pair for pair in named if pair[0] == "visual.conv1.weight")
+    opt = NSO([pair for pair in named if pair is not conv], torch.optim.SGD, sigma=0.02, sigma_groups="visual=0.5",
+              lr=0.0)
+    opt.add_param_group({"params": [conv]})
+    start = conv[1].detach().clone()
+    seen = []
+
+    def closure():
+        seen.append(conv[1].detach() - start)
+        loss = sum(p.sum() for _, p in named)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(opt.tensor_sigmas) == len(named) and opt.tensor_sigmas[-1] == 0.5
+    assert float(seen[0].std()) == pytest.approx(0.5, rel=0.1)

@@ -179,7 +179,7 @@ def test_cli_prints_the_report_path_last_and_handles_missing_plots(tmp_path):
     assert result.stdout.splitlines()[-1] == str(report)
     markdown = report.read_text()
     assert table_rows(markdown, "Flatness")["run"]["Hessian trace"] == "7 ± n/a"
-    assert "Training loss vs step: n/a (no train/loss scalars in any run)" in markdown
+    assert "Training loss vs step: n/a (no train/loss scalars or metrics.jsonl losses in any run)" in markdown
     assert "Hessian eigenvalue density: n/a (no density in any run)" in markdown
     assert "Loss landscape, 2d: n/a (no 2d landscape in any run)" in markdown
     assert "Comparisons" in markdown and "n/a (one run)" in markdown
@@ -206,7 +206,8 @@ def test_standalone_zeroshot_json_counts_as_the_last_evaluation(tmp_path):
 
 @pytest.mark.parametrize("make,message", [
     (lambda d: None, "no such run folder"),
-    (lambda d: d.mkdir(), "no results.jsonl, tensorboard/ events, hessian*.json, zeroshot*.json or params.txt"),
+    (lambda d: d.mkdir(), "no results.jsonl, metrics.jsonl, tensorboard/ events, hessian*.json, zeroshot*.json or "
+                          "params.txt"),
     (lambda d: (d.mkdir(), (d / "results.jsonl").write_text('{"epoch": 1}\n{oops\n')), "results.jsonl:2: not a JSON object"),
     (lambda d: (d.mkdir(), (d / "hessian.json").write_text("[1,")), "hessian.json: not valid JSON"),
 ])
@@ -218,3 +219,103 @@ def test_unreadable_run_is_one_clear_error(tmp_path, make, message):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---- runs repeated over seeds, compute-matched runs ---------------------------------------
+
+SEED_RUNS = {  # name: (params that differ, zero-shot top-1, final loss, Hessian trace, training FLOPs)
+    "adamw-seed0": ({"opt": "adamw", "seed": "0"}, 0.50, 3.0, 100.0, 1.0e12),
+    "adamw-seed1": ({"opt": "adamw", "seed": "1"}, 0.54, 3.1, 120.0, 1.0e12),
+    "nso-seed0": ({"opt": "nso", "seed": "0"}, 0.70, 3.3, 80.0, 2.0e12),
+    "nso-seed1": ({"opt": "nso", "seed": "1"}, 0.74, 3.4, 84.0, 2.0e12),
+    "nso-wide": ({"opt": "nso", "nso_sigma": "0.02", "seed": "0"}, 0.60, 3.2, 70.0, 2.0e12),
+    "adamw-2x-steps": ({"opt": "adamw", "epochs": "4", "seed": "0"}, 0.65, 2.9, 130.0, 2.06e12),
+}
+
+
+def write_seed_run(root, name, params, top1, loss, trace, flops):
+    run = write_run(root / name, results=[{"epoch": 2, "step": 20, "digits-zeroshot-val-top1": top1,
+                                           "train_flops": flops}],
+                    hessian={"trace": trace, "stderr": 1.0},
+                    params={"model": "tiny", "opt": "adamw", "nso_sigma": "0.01", "epochs": "2", "lr": "0.001",
+                            "name": name, "logs": f"/logs/{name}", **params})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": step, "loss": loss + (20 - step) / 10, "train_flops": flops * step / 20}) + "\n" for step in (10, 20)))
+    return run
+
+
+@pytest.fixture(scope="module")
+def seed_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeds")
+    runs = [write_seed_run(root, name, *values) for name, values in SEED_RUNS.items()]
+    path = write_report(runs, root / "report")
+    return path, path.read_text()
+
+
+def test_runs_differing_only_in_seed_are_grouped_with_mean_and_standard_error(seed_report):
+    _, markdown = seed_report
+    rows = table_rows(markdown, "Seeds")
+    assert list(rows) == ["adamw", "nso", "nso-wide", "adamw-2x-steps"]
+    assert rows["adamw"]["runs"] == "adamw-seed0, adamw-seed1"
+    # mean ± s / sqrt(n): top-1 (50, 54) -> 52 ± 2; loss (3.0, 3.1) -> 3.05 ± 0.05; trace (100, 120) -> 110 ± 10
+    assert rows["adamw"]["digits zero-shot top-1"] == "52% ± 2% (n=2)"
+    assert rows["adamw"]["final training loss"] == "3.05 ± 0.05 (n=2)"
+    assert rows["adamw"]["Hessian trace"] == "110 ± 10 (n=2)"
+    assert rows["nso"]["Hessian trace"] == "82 ± 2 (n=2)"
+    assert rows["nso-wide"]["digits zero-shot top-1"] == "60% (n=1)"
+    assert rows["nso"]["training FLOPs (mean)"] == "2e+12"
+
+
+def test_seed_level_significance_follows_welch(seed_report):
+    """With 2 seeds each: top-1 +20 ± 2.8 points on ~2 df needs 4.30 x 2.8 = 12.2: significant.
+    Loss +0.3 ± 0.071 exceeds two errors (0.14) but not 4.30 x 0.071 = 0.304: not significant.
+    Trace -28 ± 10.2 on 1.08 df (one seed pair is far noisier) needs 12.71 x 10.2: not significant."""
+    _, markdown = seed_report
+    assert ("- nso vs adamw digits zero-shot top-1 difference: +20 ± 2.8 points "
+            "(threshold 12.2, 2 df; significant: nso is higher)") in markdown
+    assert ("- nso vs adamw final training loss difference: +0.3 ± 0.071 "
+            "(threshold 0.304, 2 df; not significant)") in markdown
+    assert ("- nso vs adamw Hessian trace difference: -28 ± 10 "
+            "(threshold 130, 1.1 df; not significant)") in markdown
+    assert "- nso-wide vs adamw Hessian trace difference: n/a (needs two seeds in both; 2 and 1)" in markdown
+
+
+def test_compute_matched_runs_are_marked(seed_report):
+    path, markdown = seed_report
+    rows = table_rows(markdown, "Summary")
+    # 2.06e12 is within 5% of 2e12; seeds of one setting are not listed as each other's match.
+    assert rows["nso-seed0"]["compute-matched with"] == "nso-wide, adamw-2x-steps"
+    assert rows["adamw-2x-steps"]["compute-matched with"] == "nso-seed0, nso-seed1, nso-wide"
+    assert rows["adamw-seed0"]["compute-matched with"] == "none"
+    assert rows["adamw-seed0"]["training FLOPs"] == "1e+12"
+    assert rows["adamw-seed0"]["final training loss"] == "3"  # metrics.jsonl's last loss (no TensorBoard)
+    for name in ("train_loss_flops.png", "zeroshot_accuracy_flops.png"):
+        assert f"]({name})" in markdown
+        with Image.open(path.parent / name) as image:
+            assert image.format == "PNG"
+
+
+def test_no_seed_groups_reads_na(report):
+    _, markdown = report
+    assert "## Seeds" in markdown and "n/a (no two runs differ only in seed)" in markdown
+
+
+def test_loss_at_the_final_weights_sits_beside_the_training_loss_and_a_difference_names_the_confound(tmp_path):
+    """nsoclip.hessian records L(w) with its noise stability: the report shows it (for NSO the
+    training loss is the mean at w ± e, not L(w)), and when two runs end at different L(w) the
+    comparison says the higher one is also less trained."""
+    def hessian(loss):
+        return {"trace": 100.0, "stderr": 4.0, "top_eigenvalues": [30.0],
+                "noise_stability": [{"sigma": 0.01, "mean": 0.4, "stderr": 0.1, "num_draws": 8, "loss": loss}]}
+
+    adamw = write_run(tmp_path / "adamw", scalars=[{"train/loss": [(10, 2.9)]}], hessian=hessian(2.890))
+    nso = write_run(tmp_path / "nso", scalars=[{"train/loss": [(10, 3.05)]}], hessian=hessian(3.014))
+    same = write_run(tmp_path / "same", scalars=[{"train/loss": [(10, 2.95)]}], hessian=hessian(2.890))
+    markdown = write_report([adamw, nso, same], tmp_path / "report").read_text()
+    rows = table_rows(markdown, "Summary")
+    assert rows["nso"]["final training loss"] == "3.05" and rows["nso"]["loss at the final weights"] == "3.014"
+    assert rows["adamw"]["loss at the final weights"] == "2.89"
+    comparisons = markdown.split("## Comparisons", 1)[1].split("## Plots", 1)[0]
+    assert ("- loss at the final weights: nso 3.014 vs adamw 2.89: nso is also less trained than adamw. A "
+            "less-fitted model can be flatter") in comparisons
+    assert "same 2.89 vs adamw" not in comparisons  # equal losses: nothing to caution about

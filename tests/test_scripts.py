@@ -14,7 +14,7 @@ from nsoclip.params import parse_args
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 BASH = shutil.which("bash")
-LAUNCHERS = ["slurm_train.sh", "torchrun_train.sh", "slurm_hessian.sh", "zeroshot_imagenet.sh"]
+LAUNCHERS = ["slurm_train.sh", "torchrun_train.sh", "slurm_hessian.sh", "zeroshot_imagenet.sh", "slurm_sweep.sh"]
 TRAIN_SCRIPTS = ["slurm_train.sh", "torchrun_train.sh"]
 RECIPES = [
     ({"RECIPE": "adamw"}, {"opt": "adamw", "epochs": 30}),
@@ -23,6 +23,10 @@ RECIPES = [
     *[({"RECIPE": "nso-compute-matched", "NSO_SIGMA": s}, {"opt": "nso", "nso_sigma": float(s), "epochs": 15})
       for s in ("0.008", "0.01", "0.015")],
     *[({"RECIPE": "sam", "SAM_RHO": r}, {"opt": "sam", "sam_rho": float(r), "epochs": 30}) for r in ("0.02", "0.05")],
+    # Compute-matched to 30 epochs of k=1 two-point NSO at batch 128: the same steps at twice the
+    # batch, or twice the steps at the same batch.
+    ({"RECIPE": "adamw-2x-batch"}, {"opt": "adamw", "epochs": 60, "batch_size": 256}),
+    ({"RECIPE": "adamw-2x-steps"}, {"opt": "adamw", "epochs": 60, "batch_size": 128}),
 ]
 
 
@@ -31,7 +35,7 @@ READ_BY_SCRIPTS = {
     "MODEL", "BATCH_SIZE", "WORKERS", "PRECISION", "SEED", "VAL_DATA", "VAL_NUM_SAMPLES", "SAVE_EVERY_N_STEPS",
     "NPROC_PER_NODE", "NNODES", "RDZV_ENDPOINT", "RDZV_ID", "MAX_RESTARTS", "HESSIAN_PROBES", "HESSIAN_NUM_BATCHES",
     "HESSIAN_METHOD", "HESSIAN_HVP", "HESSIAN_TOP_K", "NOISE_SIGMAS", "HESSIAN_OUTPUT", "OUTPUT", "PYTHON",
-    "NSOCLIP_SCRIPTS", "DRY_RUN",
+    "NSOCLIP_SCRIPTS", "DRY_RUN", "RECIPES", "NSO_SIGMAS", "SEEDS", "MAX_PARALLEL", "NAME_SUFFIX", "SBATCH_ARGS",
 }
 
 
@@ -70,13 +74,18 @@ def dry_run(script, env, *args):
 
 
 def module_args(words, module):
-    """Split `... -m [--] MODULE FLAGS` into (launcher words, FLAGS)."""
+    """Split `... -m MODULE [--] FLAGS` into (launcher words, FLAGS)."""
     index = words.index(module)
     launcher = words[:index]
-    if launcher[-1] == "--":
-        launcher.pop()
     assert launcher.pop() == "-m"
-    return launcher, words[index + 1:]
+    flags = words[index + 1:]
+    return launcher, flags[1:] if flags[:1] == ["--"] else flags
+
+
+def torchrun_args(words, python="python"):
+    """torchrun's parse of a `$PYTHON -m torch.distributed.run ...` command."""
+    assert words[:3] == [python, "-m", "torch.distributed.run"], words
+    return torchrun_parser().parse_args(words[3:])
 
 
 def optional_cli(module_name):
@@ -92,7 +101,7 @@ def optional_cli(module_name):
     pytest.skip(f"{module_name} has neither parse_args(argv) nor build_parser()")
 
 
-@pytest.mark.parametrize("script", LAUNCHERS + ["recipes.sh"])
+@pytest.mark.parametrize("script", LAUNCHERS + ["recipes.sh", "gpu_check.sh"])
 def test_shellcheck_clean(script):
     binary = shellcheck_binary()
     if binary is None:
@@ -112,7 +121,8 @@ def test_training_recipes_parse(tmp_path, script, recipe, expected):
         assert getattr(args, name) == value, name
     if expected["opt"] == "nso":
         assert (args.nso_num_perturbs, args.nso_two_point, args.nso_lam) == (1, True, 0.0)
-    assert (args.model, args.batch_size, args.lr, args.wd, args.warmup) == ("ViT-S-16", 128, 1e-3, 0.1, 10000)
+    assert (args.model, args.lr, args.wd, args.warmup) == ("ViT-S-16", 1e-3, 0.1, 10000)
+    assert args.batch_size == expected.get("batch_size", 128)
     assert args.train_data == env["TRAIN_DATA"] and args.train_num_samples == 10000
     assert args.dataset_type == "webdataset" and args.logs == env["LOGS"]
     assert args.local_loss and args.gather_with_grad
@@ -124,7 +134,7 @@ def test_training_recipes_parse(tmp_path, script, recipe, expected):
         assert launcher[:4] == ["srun", "--cpu_bind=v", "--accel-bind=gn", "--kill-on-bad-exit=1"]
         assert launcher[4:] == ["python", "-u"]
     else:
-        parsed = torchrun_parser().parse_args(words[1:])
+        parsed = torchrun_args(words)
         assert parsed.standalone and parsed.nproc_per_node == "gpu"
         assert parsed.module and parsed.training_script == "nsoclip.main"
         assert parsed.training_script_args == flags
@@ -157,7 +167,7 @@ def test_extra_flags_and_optional_data_pass_through(tmp_path):
 
 def test_dry_run_by_environment_variable(tmp_path):
     result = run_script("torchrun_train.sh", script_env(tmp_path, DRY_RUN="1"), dry_run=False)
-    assert result.returncode == 0 and result.stdout.startswith("torchrun ")
+    assert result.returncode == 0 and result.stdout.startswith("python -m torch.distributed.run ")
 
 
 def test_torchrun_multi_node_rendezvous(tmp_path):
@@ -166,7 +176,7 @@ def test_torchrun_multi_node_rendezvous(tmp_path):
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         missing.stderr.strip()] and "RDZV_ENDPOINT is not set" in missing.stderr
     _, words = dry_run("torchrun_train.sh", {**env, "RDZV_ENDPOINT": "node0:29400"})
-    parsed = torchrun_parser().parse_args(words[1:])
+    parsed = torchrun_args(words)
     assert (parsed.nnodes, parsed.nproc_per_node, parsed.max_restarts) == ("2", "4", 3)
     assert (parsed.rdzv_backend, parsed.rdzv_endpoint, parsed.rdzv_id) == ("c10d", "node0:29400", "sam-ViT-S-16-rho0.05")
     assert not parsed.standalone
@@ -186,7 +196,8 @@ def test_unset_variable_is_one_clear_line(tmp_path, unset, script):
 
 
 @pytest.mark.parametrize("variable,value,message", [
-    ("RECIPE", "adam", "RECIPE=adam: choose adamw, nso, nso-compute-matched, sam or nso-fsdp"),
+    ("RECIPE", "adam", "RECIPE=adam: choose adamw, nso, nso-compute-matched, adamw-2x-batch, adamw-2x-steps, sam or nso-fsdp"),
+    ("BATCH_SIZE", "64x", "BATCH_SIZE=64x: must be a positive integer"),
     ("TRAIN_NUM_SAMPLES", "1e6", "TRAIN_NUM_SAMPLES=1e6: must be a positive integer"),
 ])
 def test_bad_variable_is_one_clear_line(tmp_path, variable, value, message):
@@ -205,7 +216,8 @@ def fake_bin(tmp_path, scontrol_hosts=None):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for tool in ("dirname", "basename"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
+        if not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(shutil.which(tool))
     if scontrol_hosts is not None:
         scontrol = bin_dir / "scontrol"
         scontrol.write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] || exit 1\nprintf '%s\\n' "
@@ -281,7 +293,7 @@ def test_zeroshot_script(tmp_path, nproc):
     if nproc == "1":
         assert launcher == ["python"]
     else:
-        parsed = torchrun_parser().parse_args(words[1:])
+        parsed = torchrun_args(words)
         assert parsed.nproc_per_node == "8" and parsed.training_script_args == flags
     expected = {"--model": "ViT-B-32", "--pretrained": str(checkpoint), "--imagenet-val": str(imagenet),
                 "--output": str(tmp_path / "run" / "zeroshot-imagenet-epoch_2.json")}
@@ -292,3 +304,91 @@ def test_zeroshot_script(tmp_path, nproc):
     (imagenet / "n01440764").mkdir(parents=True)
     args = parse(flags)
     assert (args.model, args.pretrained, args.imagenet_val) == ("ViT-B-32", str(checkpoint), str(imagenet))
+
+
+def test_compute_matched_recipes_match_nso_in_samples_times_passes(tmp_path):
+    """k=1 two-point NSO makes 2 passes per step: epochs x passes x samples per epoch agree."""
+    def budget(recipe):
+        args = parse_args(module_args(dry_run("torchrun_train.sh", script_env(tmp_path, RECIPE=recipe))[1],
+                                      "nsoclip.main")[1])
+        passes = 2 if args.opt == "nso" else 1
+        steps = args.epochs * (args.train_num_samples // args.batch_size)
+        return passes * args.epochs, steps
+    nso_compute, nso_steps = budget("nso")
+    assert budget("adamw-2x-batch") == (nso_compute, nso_steps)  # same steps, same compute
+    assert budget("adamw-2x-steps") == (nso_compute, 2 * nso_steps)
+    assert budget("nso-compute-matched")[0] == budget("adamw")[0]
+
+
+SWEEP = {"RECIPES": "adamw nso adamw-2x-steps", "NSO_SIGMAS": "0.008 0.015", "SEEDS": "0 1"}
+
+
+def sweep_tasks(tmp_path, **extra):
+    """The dry run's sbatch words and, per task, the parsed nsoclip.main flags."""
+    env = script_env(tmp_path, **SWEEP, **extra)
+    env["PATH"] = fake_bin(tmp_path)
+    result = run_script("slurm_sweep.sh", env, "--epochs", "3")
+    assert result.returncode == 0, result.stderr
+    first, *tasks = result.stdout.splitlines()
+    parsed = []
+    for line in tasks:
+        words = shlex.split(line)
+        assert words[0].startswith("MASTER_ADDR=") and words[2] == "srun"
+        parsed.append(parse_args(module_args(words[2:], "nsoclip.main")[1]))
+    return shlex.split(first), parsed
+
+
+def test_sweep_is_a_job_array_over_recipes_sigmas_and_seeds(tmp_path):
+    submit, tasks = sweep_tasks(tmp_path, MAX_PARALLEL="4", SBATCH_ARGS="--nodes=4 --partition=gpu")
+    assert submit == ["sbatch", "--array=0-7%4", "--nodes=4", "--partition=gpu", str(SCRIPTS / "slurm_sweep.sh"),
+                      "--epochs", "3"]
+    assert sweep_tasks(tmp_path)[0][:2] == ["sbatch", "--array=0-7"]
+    grid = [(a.opt, a.nso_sigma if a.opt == "nso" else None, a.seed, a.epochs) for a in tasks]
+    assert grid == [("adamw", None, 0, 3), ("adamw", None, 1, 3),
+                    ("nso", 0.008, 0, 3), ("nso", 0.008, 1, 3), ("nso", 0.015, 0, 3), ("nso", 0.015, 1, 3),
+                    ("adamw", None, 0, 3), ("adamw", None, 1, 3)]
+    assert [a.name for a in tasks] == [
+        "adamw-ViT-S-16-seed0", "adamw-ViT-S-16-seed1", "nso-ViT-S-16-sigma0.008-seed0", "nso-ViT-S-16-sigma0.008-seed1",
+        "nso-ViT-S-16-sigma0.015-seed0", "nso-ViT-S-16-sigma0.015-seed1",
+        "adamw-2x-steps-ViT-S-16-seed0", "adamw-2x-steps-ViT-S-16-seed1"]
+    assert all(a.resume == "latest" for a in tasks)
+
+
+def test_sweep_task_runs_its_grid_entry_through_slurm_train(tmp_path):
+    env = script_env(tmp_path, **SWEEP, SLURM_ARRAY_TASK_ID="5", SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu[1-2]")
+    env["PATH"] = fake_bin(tmp_path, scontrol_hosts=["gpu1", "gpu2"])
+    assignments, words = dry_run("slurm_sweep.sh", env)
+    assert assignments == {"MASTER_ADDR": "gpu1", "MASTER_PORT": str(20000 + 77)}
+    args = parse_args(module_args(words, "nsoclip.main")[1])
+    assert (args.opt, args.nso_sigma, args.seed, args.name) == ("nso", 0.015, 1, "nso-ViT-S-16-sigma0.015-seed1")
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"RECIPES": "adamw nsx"}, "RECIPE=nsx: choose adamw"),
+    ({"SEEDS": "0 one"}, "SEEDS: one is not a non-negative integer"),
+    ({"MAX_PARALLEL": "0"}, "MAX_PARALLEL=0: must be a positive integer"),
+    ({"SLURM_ARRAY_TASK_ID": "8"}, "SLURM_ARRAY_TASK_ID=8: the grid has tasks 0..7"),
+    ({"TRAIN_DATA": ""}, "TRAIN_DATA is not set"),
+])
+def test_sweep_bad_settings_are_one_line_before_anything_is_queued(tmp_path, extra, message):
+    env = {**script_env(tmp_path, **SWEEP), **extra}
+    result = run_script("slurm_sweep.sh", env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("script,module,extra", [
+    ("torchrun_train.sh", "nsoclip.main", {}),
+    ("zeroshot_imagenet.sh", "nsoclip.zeroshot", {"NPROC_PER_NODE": "8", "CHECKPOINT": "/ckpt/epoch_1.pt",
+                                                  "IMAGENET_VAL": "/imagenet/val"}),
+])
+def test_torchrun_launches_use_python_and_the_working_separator(tmp_path, script, module, extra):
+    """docs/scripts.md: PYTHON is the interpreter of every launch, torchrun's included
+    (`$PYTHON -m torch.distributed.run`), and the module's flags follow `-m MODULE --`, the
+    form torchrun 2.14 accepts with --logs among them."""
+    python = "/opt/env/bin/python3"
+    _, words = dry_run(script, script_env(tmp_path, PYTHON=python, **extra))
+    parsed = torchrun_args(words, python)
+    index = words.index(module)
+    assert words[index - 1:index + 2] == ["-m", module, "--"]
+    assert parsed.module and parsed.training_script == module and parsed.training_script_args == words[index + 2:]

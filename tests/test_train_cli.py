@@ -197,7 +197,7 @@ def test_slurm_without_master_addr_is_one_clear_error(tiny_config, tmp_path, cap
 @pytest.mark.parametrize("extra, message", [
     (["--local-loss"], "--local-loss without --gather-with-grad"),
     (["--horovod"], "--horovod"),
-    (["--report-to", "wandb"], "--report-to wandb"),
+    (["--report-to", "mlflow"], "--report-to mlflow: unknown target"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--nso-lam", "2"], "--nso-lam 2"),
     (["--lr-scheduler", "const-cooldown"], "--epochs-cooldown"),

@@ -228,12 +228,15 @@ def checkpoint_position(path) -> Optional[int]:
     return step if isinstance(step, int) else None
 
 
+SHARDED_NAME = re.compile(r"step_\d+")
+
+
 def checkpoint_paths(checkpoint_dir):
     """Every checkpoint a run folder holds: `*.pt` files and sharded `step_N/` folders (a
     temporary folder of an unfinished sharded write is hidden, so never listed)."""
     checkpoint_dir = Path(checkpoint_dir)
     return [path for path in checkpoint_dir.glob("*.pt") if path.is_file()] + \
-        [path for path in checkpoint_dir.glob("step_*") if path.is_dir()]
+        [path for path in checkpoint_dir.glob("step_*") if path.is_dir() and SHARDED_NAME.fullmatch(path.name)]
 
 
 def latest_checkpoint(checkpoint_dir) -> Optional[Path]:
@@ -262,10 +265,11 @@ class Checkpointer:
     next collective. A checkpoint records where the data stream stands (`epoch` = completed
     epochs, `batch` = batches consumed in the current one), so a resumed run continues exactly.
     Step checkpoints are full files, or sharded folders with `--fsdp-checkpoint sharded`; epoch
-    checkpoints are always full files, loadable in plain OpenCLIP."""
+    checkpoints are always full files, loadable in plain OpenCLIP. `checkpoint_dir` None (--logs
+    none): nothing is saved."""
 
     def __init__(self, checkpoint_dir, args, world):
-        self.dir = Path(checkpoint_dir)
+        self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.args = args
         self.world = world
 
@@ -277,7 +281,7 @@ class Checkpointer:
         """A writer killed mid-save leaves its temporary file or folder (never a `*.pt` nor a
         `step_N/`, so never resumed from); rank 0 of the next start removes them, as no other
         process writes here."""
-        if self.world.is_master:
+        if self.world.is_master and self.dir is not None:
             for leftover in [*self.dir.glob(".*.pt.tmp-*"), *self.dir.glob(".step_*.tmp-*")]:
                 logging.warning("Removing %s, left by a checkpoint write that was interrupted", leftover)
                 remove(leftover)
@@ -290,6 +294,7 @@ class Checkpointer:
             "name": self.args.name,
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "nonfinite_total": run.nonfinite_total,
+            "compute": run.compute.state_dict(),
             "world_size": self.world.world_size,
             "global_batch_size": self.global_batch_size(),
         }
@@ -317,6 +322,9 @@ class Checkpointer:
             raise CheckpointError(failure)
 
     def save_step(self, run, epoch: int, batch: int):
+        if self.dir is None:
+            logging.warning("No step checkpoint at step %d: --logs none keeps no checkpoints", run.step)
+            return
         if self.sharded_steps:
             return self.save_sharded_step(run, epoch, batch)
         path = self.dir / f"step_{run.step}.pt"
@@ -359,12 +367,17 @@ class Checkpointer:
         self.agreed(write)
 
     def save_epoch(self, run, completed_epochs: int):
+        """epoch_N.pt every --save-frequency epochs and after the final one (also with
+        --save-frequency 0, as OpenCLIP); --delete-previous-checkpoint then removes every older
+        epoch_N.pt, only once the new one is on disk."""
         args = self.args
+        if self.dir is None:
+            return
         state = self.state(run, completed_epochs, 0)
 
         def write():
             final = completed_epochs == args.epochs
-            if args.save_frequency > 0 and (completed_epochs % args.save_frequency == 0 or final):
+            if final or (args.save_frequency > 0 and completed_epochs % args.save_frequency == 0):
                 path = self.dir / f"epoch_{completed_epochs}.pt"
                 save_checkpoint(state, path)
                 logging.info("Saved %s", path)
@@ -389,7 +402,7 @@ class Checkpointer:
         if not resume:
             return None
         if resume == "latest":
-            return latest_checkpoint(self.dir)
+            return latest_checkpoint(self.dir) if self.dir is not None else None
         path = Path(resume)
         if not (path.is_file() or path.is_dir()):
             raise CheckpointError(f"--resume {resume}: file not found")
@@ -437,6 +450,11 @@ class Checkpointer:
             run.scaler.load_state_dict(checkpoint["scaler"])
         run.step = int(checkpoint.get("step", epoch * steps_per_epoch))
         run.nonfinite_total = int(checkpoint.get("nonfinite_total", 0))
+        if "compute" in checkpoint:
+            run.compute.load_state_dict(checkpoint["compute"])
+        else:
+            logging.warning("--resume %s: the checkpoint has no compute counters; passes, samples and FLOPs "
+                            "count from this start", path)
         return epoch, int(checkpoint.get("batch", 0))
 
 

@@ -1,9 +1,19 @@
-"""Value ranges, declared once beside the code that needs them and checked in two places with one
-rule: by that code's Python API (`Range.check`) and by the command-line flag that feeds it
-(`Range.flag`, an argparse type). No torch here: every CLI's parser can use it."""
+"""What every CLI's parser shares: the argument list convention (`command_line`) and value
+ranges, declared once beside the code that needs them and checked in two places with one rule: by
+that code's Python API (`Range.check`) and by the command-line flag that feeds it (`Range.flag`,
+an argparse type). No torch here: every CLI's parser can use it, the report's too."""
 import argparse
 import math
-from typing import Optional
+import sys
+from typing import List, Optional, Sequence
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> List[str]:
+    """The CLI's arguments (sys.argv[1:] unless given) without one leading `--`. torchrun needs
+    `-m nsoclip.main -- FLAGS` (its own --logs-specs makes `--logs` ambiguous to it), so the
+    same words work after `python -m nsoclip.main` too."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return words[1:] if words[:1] == ["--"] else words
 
 
 class Range:

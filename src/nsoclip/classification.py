@@ -33,6 +33,9 @@ from .errors import NsoclipError
 # open_clip's build_zero_shot_classifier embeds this many classes per text forward; shares of the
 # classifier are whole blocks of it, so every rank runs exactly the forwards one process would.
 CLASSES_PER_BLOCK = 10
+# What OpenCLIP's --imagenet-v2 names: the folder imagenetv2_pytorch's ImageNetV2Dataset(location=...)
+# downloads into, which holds this set folder with the class folders 0..999.
+IMAGENET_V2_FOLDER = "ImageNetV2-matched-frequency"
 
 
 class ZeroShotError(NsoclipError, ValueError):
@@ -149,9 +152,23 @@ def named_labels(root: str, flag: str, classnames: Sequence[str]) -> dict:
                         "name the folders 0..N-1 or like the class-name lines, or give one folder per line")
 
 
+def imagenet_v2_root(location: str) -> str:
+    """--imagenet-v2 as OpenCLIP means it, the parent of ImageNetV2-matched-frequency/; the set
+    folder itself (class folders 0..999) is accepted too. Nothing is downloaded."""
+    inner = os.path.join(location, IMAGENET_V2_FOLDER)
+    if os.path.isdir(inner):
+        return inner
+    if os.path.isdir(location) and any(entry.is_dir() and entry.name.isdigit() for entry in os.scandir(location)):
+        return location
+    raise ZeroShotError(f"--imagenet-v2 {location}: expected {inner}/ with class folders 0..999 (OpenCLIP's "
+                        "layout, as imagenetv2_pytorch downloads it) or those class folders themselves; "
+                        "nsoclip does not download it")
+
+
 def requested_sets(args) -> List[Tuple[str, str, str]]:
     """(prefix, flag, folder) for each zero-shot set named on the command line."""
-    sets = [("imagenet", "--imagenet-val", args.imagenet_val), ("imagenetv2", "--imagenet-v2", args.imagenet_v2),
+    v2 = imagenet_v2_root(args.imagenet_v2) if args.imagenet_v2 else None
+    sets = [("imagenet", "--imagenet-val", args.imagenet_val), ("imagenetv2", "--imagenet-v2", v2),
             ("imagenet-a", "--imagenet-a", args.imagenet_a), ("imagenet-r", "--imagenet-r", args.imagenet_r)]
     if args.zeroshot_data:
         sets.append((Path(os.path.abspath(args.zeroshot_data)).name, "--zeroshot-data", args.zeroshot_data))
@@ -192,6 +209,9 @@ def zero_shot_sets(args, world: World) -> List[ZeroShotSet]:
     sets, error = broadcast_object((sets, error))
     if error:
         raise ZeroShotError(error)
+    for zs in sets:
+        logging.info("Zero-shot set %s: %d classes, %d images in %s", zs.prefix, len(zs.classnames), len(zs.samples),
+                     zs.root)
     return sets
 
 

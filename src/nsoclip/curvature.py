@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import distributed
@@ -317,16 +318,23 @@ class Objective:
     to move w along, products' inputs and outputs) are whole parameters with the first and this
     rank's local rows with the second: `split`, `segments` and `normal_direction` follow them.
 
-    Use as a context manager: dropout is off (eval mode) while it is open, the model's mode
-    is restored and any kept graph is freed on exit. `hvp` is how products are formed (None:
-    an evaluation that forms none, such as noise stability). `progress(n)`, when given, is
-    called with the number of products (or loss evaluations) just done."""
+    Use as a context manager: dropout is off (eval mode) and so are TF32 matmuls and
+    convolutions while it is open (central differences of TF32 gradients would be rounding
+    noise: the step moves weights by about TF32's precision), the model's mode and the TF32
+    settings are restored and any kept graph is freed on exit. `hvp` is how products are formed
+    (None: an evaluation that forms none, such as noise stability). `progress(n)`, when given,
+    is called with the number of products (or loss evaluations) just done.
+
+    A compiled model (torch.compile of the bare model) serves losses and finite-difference
+    products through its compiled forward; exact products refuse it, since aot_autograd has no
+    double backward (pass the uncompiled model for them)."""
 
     def __init__(self, model, loss_fn, batches, params=None, hvp: Optional[str] = "exact",
                  progress: Optional[Callable[[int], None]] = None):
         if hvp is not None and hvp not in HVPS:
             raise HessianError(f"hvp {hvp!r}: expected one of {', '.join(HVPS)}")
         self.model = unwrap(model)
+        self.forward = compiled_forward(model, hvp) if isinstance(model, OptimizedModule) else self.model
         self.loss_fn = loss_fn
         self.batches = list(batches)
         self.hvp_kind = hvp
@@ -355,11 +363,14 @@ class Objective:
 
     def __enter__(self):
         self._was_training = self.model.training
+        self._tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         self.model.eval()
         return self
 
     def __exit__(self, *exc):
         self.model.train(self._was_training)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32
         self._kept_graph = self._points = None
 
     def split(self, flat: torch.Tensor) -> List[torch.Tensor]:
@@ -405,7 +416,7 @@ class Objective:
 
     @torch.no_grad()
     def loss(self) -> float:
-        total = sum(self.loss_fn(self.model, batch).detach().double() for batch in self.batches)
+        total = sum(self.loss_fn(self.forward, batch).detach().double() for batch in self.batches)
         self._tick(1)
         return distributed.all_reduce_mean(total.reshape(1) / len(self.batches)).item()
 
@@ -418,7 +429,7 @@ class Objective:
         total = None
         with self.shards.gradient_passes():
             for batch in self.batches:
-                grads = self.shards.gradients(self.loss_fn(self.model, batch), self.params, seed)
+                grads = self.shards.gradients(self.loss_fn(self.forward, batch), self.params, seed)
                 if total is None:
                     total = grads
                 else:
@@ -489,7 +500,7 @@ class Objective:
         are rebuilt for every call instead."""
         if self._kept_graph is not None:
             return self._kept_graph
-        loss = self.loss_fn(self.model, batch)
+        loss = self.loss_fn(self.forward, batch)
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True)
         positions = [i for i, g in enumerate(grads) if g.requires_grad]
         graph = [grads[i] for i in positions], positions
@@ -551,6 +562,18 @@ class Objective:
             result[key] = {group: mean for group, (mean, _) in estimates.items()}
             result[f"{key}_stderr"] = {group: stderr for group, (_, stderr) in estimates.items()}
         return result
+
+
+def compiled_forward(model: OptimizedModule, hvp: str) -> OptimizedModule:
+    """The compiled model, where the evaluator can call it: finite differences through
+    torch.compile of the bare model (this module averages over ranks itself, so not of DDP)."""
+    if hvp == "exact":
+        raise HessianError("hvp 'exact' needs double backward, which torch.compile (aot_autograd) does not "
+                           "support: pass the uncompiled model, or use hvp 'finite_difference'")
+    if model._orig_mod is not unwrap(model):
+        raise HessianError("a compiled DDP wrapper: pass torch.compile of the bare model (the Hessian "
+                           "evaluator averages over ranks itself)")
+    return model
 
 
 def check_batch_counts(count: int, device=None):

@@ -100,6 +100,21 @@ class SyntheticDataset(Dataset):
         return seeded(self.transform, seed, image), self.tokenizer([caption])[0]
 
 
+SEPARATORS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+
+
+def separator_hint(columns, separator: str) -> str:
+    """For a csv header the separator did not split: which separator it seems to use, as the
+    --csv-separator to pass (OpenCLIP's default is a tab)."""
+    if len(columns or []) != 1:
+        return ""
+    for candidate, name in SEPARATORS.items():
+        if candidate != separator and candidate in columns[0]:
+            shown = "$'\\t'" if candidate == "\t" else repr(candidate)
+            return f"; the header looks {name}-separated: pass --csv-separator {shown}"
+    return ""
+
+
 class CsvDataset(Dataset):
     """OpenCLIP's csv format: one row per sample, an image path column and a caption column."""
 
@@ -113,7 +128,7 @@ class CsvDataset(Dataset):
             for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
                 if key not in columns:
                     raise DataError(f"csv {path}: no column {key!r} ({flag}); columns are {columns} "
-                                    f"(separator {sep!r}, --csv-separator)")
+                                    f"(separator {sep!r}, --csv-separator){separator_hint(columns, sep)}")
             rows = [(row[img_key], row[caption_key]) for row in reader]
         if not rows:
             raise DataError(f"csv {path}: no samples")

@@ -3,10 +3,12 @@
 The 1,797 handwritten digit scans that scikit-learn ships inside its package become a small CLIP
 pretraining set: a fixed held-out test set goes into a class-folder tree for zero-shot evaluation
 with prompts never seen in training, the rest into webdataset shards with captions in several
-phrasings. The demo then trains the same tiny ViT CLIP twice under torchrun (AdamW, then NSO with
-k=1 two-point perturbations, same seed and number of steps), measures each final checkpoint's
-Hessian trace, top eigenvalue and noise stability, and writes the comparison report. Every stage
-is a subprocess whose command is printed and written into the report, so each can be rerun by hand.
+phrasings. The demo then trains the same tiny ViT CLIP under torchrun with AdamW and with NSO
+(k=1 two-point perturbations, the same number of steps), each with two training seeds, and AdamW
+with twice the steps (compute-matched to NSO) when asked; it measures each final checkpoint's
+Hessian trace, top eigenvalue and noise stability, and writes the comparison report, whose seed
+groups say which differences survive a change of seed. Every stage is a subprocess whose command
+is printed and written into the report, so each can be rerun by hand.
 """
 import argparse
 import contextlib
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
 
+from .checks import command_line
 from .errors import NsoclipError
 from .launch import child_env, python_command
 from .report import write_report
@@ -220,23 +223,50 @@ def prepare_output(output: Path):
     (output / "logs").mkdir()
 
 
-def common_flags(args, data: DemoData, config: str) -> list:
+@dataclass
+class Arm:
+    """One setting of the comparison, trained once per training seed."""
+    name: str
+    optimizer: list
+    epochs: int
+
+
+def arms(args) -> List[Arm]:
+    nso = ["--opt", "nso", "--nso-sigma", args.nso_sigma, "--nso-num-perturbs", 1, "--nso-two-point", "--nso-lam", 0]
+    chosen = [Arm("adamw", [], args.epochs), Arm("nso", nso, args.epochs)]
+    if args.compute_matched:  # k=1 two-point NSO makes two passes per step: AdamW with twice the steps
+        chosen.append(Arm("adamw-2x-steps", [], 2 * args.epochs))
+    return chosen
+
+
+def training_seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be comma-separated integers") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is given twice")
+    return seeds
+
+
+def common_flags(args, data: DemoData, config: str, seed: int) -> list:
     return ["--model", config, "--dataset-type", "webdataset", "--train-data", data.train_pattern,
             "--train-num-samples", data.num_train, "--batch-size", args.batch_size, "--workers", args.workers,
-            "--device", "cpu", "--seed", args.seed]
+            "--device", "cpu", "--seed", seed]
 
 
-def train_flags(args, data: DemoData, config: str, runs: Path, name: str, optimizer: list) -> list:
-    return [*common_flags(args, data, config), "--precision", "fp32", "--local-loss", "--gather-with-grad",
-            "--epochs", args.epochs, "--lr", args.lr, "--wd", args.wd, "--warmup", args.warmup,
+def train_flags(args, data: DemoData, config: str, runs: Path, name: str, arm: Arm, seed: int) -> list:
+    return [*common_flags(args, data, config, seed), "--precision", "fp32", "--local-loss", "--gather-with-grad",
+            "--epochs", arm.epochs, "--lr", args.lr, "--wd", args.wd, "--warmup", args.warmup,
             "--zeroshot-data", data.zeroshot_dir, "--zeroshot-classnames", data.classnames,
             "--zeroshot-templates", data.templates, "--zeroshot-frequency", 1,
-            "--report-to", "tensorboard", "--log-every-n-steps", 1, "--save-frequency", args.epochs,
-            "--logs", runs, "--name", name, *optimizer]
+            "--report-to", "tensorboard", "--log-every-n-steps", 1, "--save-frequency", arm.epochs,
+            "--logs", runs, "--name", name, *arm.optimizer]
 
 
-def hessian_flags(args, data: DemoData, config: str, run_dir: Path) -> list:
-    return [*common_flags(args, data, config), "--resume", run_dir / "checkpoints" / f"epoch_{args.epochs}.pt",
+def hessian_flags(args, data: DemoData, config: str, run_dir: Path, epochs: int) -> list:
+    """Every run's Hessian on the same batches: those of the data seed's epoch-0 order."""
+    return [*common_flags(args, data, config, args.seed), "--resume", run_dir / "checkpoints" / f"epoch_{epochs}.pt",
             "--hessian-num-batches", args.hessian_batches, "--hessian-probes", args.hessian_probes,
             "--hessian-top-k", 1, "--hessian-max-iter", args.hessian_max_iter,
             "--noise-stability-sigmas", args.noise_sigmas, "--noise-stability-draws", args.noise_draws,
@@ -248,14 +278,20 @@ def build_parser():
     parser.add_argument("--output", default="demo-out", help="Folder for data, runs and the report "
                         "(replaced when an earlier demo made it).")
     parser.add_argument("--nproc", type=int, default=2, help="CPU ranks per torchrun job.")
-    parser.add_argument("--epochs", type=int, default=12, help="Training epochs of each run.")
+    parser.add_argument("--epochs", type=int, default=12, help="Training epochs of each run (the compute-matched "
+                        "AdamW arm: twice as many).")
     parser.add_argument("--batch-size", type=int, default=64, help="Batch size per rank.")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate (both runs).")
-    parser.add_argument("--wd", type=float, default=0.1, help="Weight decay (both runs).")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate (every run).")
+    parser.add_argument("--wd", type=float, default=0.1, help="Weight decay (every run).")
     parser.add_argument("--warmup", type=int, default=20, help="Warmup steps.")
     parser.add_argument("--nso-sigma", type=float, default=0.005,
                         help="NSO perturbation std (scaled down from the reference 0.01 for this tiny model).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the split, the captions and both runs.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the split, the captions and the Hessian batches.")
+    parser.add_argument("--seeds", type=training_seeds, default=[0, 1],
+                        help="Training seeds, comma-separated: each arm is trained once per seed (initial weights, "
+                             "sample order, NSO noise).")
+    parser.add_argument("--compute-matched", action=argparse.BooleanOptionalAction, default=False,
+                        help="Also train AdamW with twice the epochs: the compute of NSO's two passes per step.")
     parser.add_argument("--image-size", type=int, default=32, help="Pixels the 8x8 scans are upscaled to.")
     parser.add_argument("--test-size", type=int, default=300, help="Held-out digits for zero-shot evaluation.")
     parser.add_argument("--num-shards", type=int, default=4, help="Training shards (>= ranks x workers).")
@@ -270,7 +306,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(command_line(argv))
     started = time.perf_counter()
     output = Path(args.output).resolve()
     try:
@@ -301,26 +337,28 @@ def run_demo(args, output: Path, config: str, started: float) -> int:
                     classnames=classnames, templates=templates)
 
     runs = output / "runs"
-    optimizers = {
-        "adamw": [],
-        "nso": ["--opt", "nso", "--nso-sigma", args.nso_sigma, "--nso-num-perturbs", 1, "--nso-two-point",
-                "--nso-lam", 0],
-    }
-    steps = args.epochs * (num_train // (args.batch_size * args.nproc))
+    steps_per_epoch = num_train // (args.batch_size * args.nproc)
+    chosen = arms(args)
+    names = {(arm.name, seed): f"{arm.name}-seed{seed}" for arm in chosen for seed in args.seeds}
     commands = {"shards": shard_command}
-    for name, optimizer in optimizers.items():
-        command = python_command("nsoclip.main", train_flags(args, data, config, runs, name, optimizer), args.nproc)
-        commands[f"train {name}"] = command
-        stage_times[f"train {name}"] = run_stage(
-            f"training {name} on {args.nproc} CPU ranks: {args.epochs} epoch(s), {steps} steps",
-            command, logs / f"train-{name}.log", args.stage_timeout)
-        print("\n".join(epoch_lines(runs / name)), flush=True)
-    for name in optimizers:
-        command = python_command("nsoclip.hessian", hessian_flags(args, data, config, runs / name), args.nproc)
-        commands[f"hessian {name}"] = command
-        stage_times[f"hessian {name}"] = run_stage(
-            f"Hessian trace, top eigenvalue and noise stability of {name}'s final checkpoint",
-            command, logs / f"hessian-{name}.log", args.stage_timeout)
+    for arm in chosen:
+        for seed in args.seeds:
+            name = names[arm.name, seed]
+            flags = train_flags(args, data, config, runs, name, arm, seed)
+            command = commands[f"train {name}"] = python_command("nsoclip.main", flags, args.nproc)
+            stage_times[f"train {name}"] = run_stage(
+                f"training {name} on {args.nproc} CPU ranks: {arm.epochs} epoch(s), "
+                f"{arm.epochs * steps_per_epoch} steps", command, logs / f"train-{name}.log", args.stage_timeout)
+            print("\n".join(epoch_lines(runs / name)), flush=True)
+    for arm in chosen:
+        for seed in args.seeds:
+            name = names[arm.name, seed]
+            command = python_command("nsoclip.hessian", hessian_flags(args, data, config, runs / name, arm.epochs),
+                                     args.nproc)
+            commands[f"hessian {name}"] = command
+            stage_times[f"hessian {name}"] = run_stage(
+                f"Hessian trace, top eigenvalue and noise stability of {name}'s final checkpoint",
+                command, logs / f"hessian-{name}.log", args.stage_timeout)
 
     settings = {
         "data": f"sklearn digits: {num_train} train / {args.test_size} held-out test, "
@@ -330,7 +368,9 @@ def run_demo(args, output: Path, config: str, started: float) -> int:
         "zero-shot class names": ", ".join(DIGIT_WORDS),
         "model": f"{DEMO_CONFIG} (nsoclip/model_configs)",
         "ranks": f"{args.nproc} CPU processes (gloo), fp32, --local-loss --gather-with-grad",
-        "optimizer steps per run": steps,
+        "optimizer steps per run": ", ".join(f"{arm.name} {arm.epochs * steps_per_epoch}" for arm in chosen),
+        "training seeds": ", ".join(map(str, args.seeds)) + " (initial weights, sample order, NSO noise; the data "
+                          f"split, captions and Hessian batches use seed {args.seed})",
         "NSO": f"sigma {args.nso_sigma}, k=1, two-point, lam=0; its training loss is the mean loss at the "
                "perturbed weights w ± e (the Hessian stage reports the loss at w itself)",
         "Hessian": f"{args.hessian_probes} Hutchinson probes, top eigenvalue by Lanczos (<= {args.hessian_max_iter} "
@@ -340,7 +380,7 @@ def run_demo(args, output: Path, config: str, started: float) -> int:
                             + " (the runs take turns on a possibly shared machine: step times are not interleaved)",
     }
     print("[demo] writing the comparison report", flush=True)
-    report = write_report([runs / name for name in optimizers], output / "report", commands=commands,
+    report = write_report([runs / name for name in names.values()], output / "report", commands=commands,
                           settings=settings)
     print(f"[demo] finished in {time.perf_counter() - started:.0f} s", flush=True)
     print(report)

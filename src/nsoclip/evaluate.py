@@ -43,12 +43,15 @@ def is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def write_results(metrics: Dict[str, float], run_dir, epoch: int, step: int, tb_writer=None) -> None:
-    """Append {"epoch", "step", **metrics} as one line to run_dir/results.jsonl (OpenCLIP's file)
-    and each metric as the TensorBoard scalar val/<key> at the global step; rank 0 only."""
+def write_results(metrics: Dict[str, float], run_dir, epoch: int, step: int, tb_writer=None,
+                  compute: Optional[Dict[str, int]] = None) -> None:
+    """Append {"epoch", "step", **metrics, **compute} as one line to run_dir/results.jsonl
+    (OpenCLIP's file; `compute`: the cumulative training counters at this point, so accuracy can
+    be read against FLOPs) and each metric as the TensorBoard scalar val/<key> at the global
+    step; rank 0 only."""
     if not is_rank_zero():
         return
-    record = {"epoch": epoch, "step": step, **metrics}
+    record = {"epoch": epoch, "step": step, **metrics, **(compute or {})}
     with open(Path(run_dir) / "results.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     if tb_writer is not None:

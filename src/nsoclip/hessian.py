@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from torch.utils.tensorboard import SummaryWriter
 
 from .checkpoint import load_checkpoint, load_model_weights, model_state_dict
-from .checks import POSITIVE, POSITIVE_INT
+from .checks import POSITIVE, POSITIVE_INT, command_line
 from .cli import run_command
 from .curvature import (DENSITY_PROBES, DENSITY_STEPS, HessianError, curvature_along, difference_from_reference,
                         hessian_eigenpairs, hessian_trace, noise_stability, save_eigenvectors, spectral_density)
@@ -29,13 +30,15 @@ from .data import get_data
 from .distributed import init_distributed
 from .landscape import DIMENSIONS, DIRECTIONS, NUM_POINTS, SPAN, loss_landscape
 from .loader import first_batches
+from .logger import setup_console_logging
 from .loss import contrastive_loss_fn, create_loss
-from .model import create_model_and_transforms
-from .params import (Parser, UsageError, add_data_args, add_distributed_args, add_hessian_args, add_model_args,
-                     validate_hessian)
+from .model import compile_model, create_model_and_transforms
+from .params import (Parser, UsageError, add_compile_args, add_data_args, add_distributed_args, add_hessian_args,
+                     add_model_args, validate_compile, validate_hessian)
 from .parallel import FSDP_PRECISIONS, ShardingOptions, full_tensor, shard, unwrap
 from .resumable import PartialState
 from .rng import seed_everything
+from .wds import fit_to_reader
 
 
 def sigma_list(text: str):
@@ -57,6 +60,7 @@ def build_parser():
     add_data_args(parser)
     add_distributed_args(parser)
     add_hessian_args(parser)
+    add_compile_args(parser)
     parser.set_defaults(precision="fp32")
     group = parser.add_argument_group("hessian report")
     group.add_argument("--resume", type=str, default=None, help="Our training checkpoint to evaluate.")
@@ -95,6 +99,10 @@ def build_parser():
 def parse_args(argv):
     args = build_parser().parse_args(argv)
     validate_hessian(args)
+    validate_compile(args)
+    if args.torchcompile and args.hessian_hvp == "exact":
+        raise UsageError("--torchcompile: exact Hessian-vector products need double backward, which torch.compile "
+                         "does not support; add --hessian-hvp finite_difference or leave out --torchcompile")
     if args.report_to not in ("", "tensorboard"):
         raise UsageError(f"--report-to {args.report_to}: only 'tensorboard' is supported")
     if args.report_to and not args.logs:
@@ -114,6 +122,9 @@ def parse_args(argv):
                          "on an FSDP2 model, whose gradients FSDP forms outside autograd")
     if args.fsdp and args.precision not in FSDP_PRECISIONS:
         raise UsageError(f"--precision {args.precision} with --fsdp: use {', '.join(FSDP_PRECISIONS)}")
+    if args.fsdp and args.torchcompile:
+        raise UsageError("--torchcompile with --fsdp: the Hessian evaluator runs a sharded model eagerly "
+                         "(drop one of them)")
     args.sigmas = sigma_list(args.noise_stability_sigmas) if args.noise_stability_sigmas else []
     # The exact distributed contrastive loss, whatever was typed: it is the training objective.
     args.local_loss = args.gather_with_grad = True
@@ -123,6 +134,7 @@ def parse_args(argv):
 def hessian_batches(args, model_bundle, world):
     """The first --hessian-num-batches batches of the training data (else the validation data)."""
     _, preprocess_train, preprocess_val, tokenizer = model_bundle
+    fit_to_reader(args, world, args.hessian_num_batches)
     data = get_data(args, (preprocess_train, preprocess_val), tokenizer, world, epoch=0)
     split = "train" if data.get("train") is not None else "val"
     info = data.get(split)
@@ -176,10 +188,11 @@ def partial_state_folder(output) -> Path:
 def run(args, world):
     """(the report, the PartialState or None)."""
     seed_everything(args.seed)
-    bundle = create_model_and_transforms(args, world.device)
+    bundle = create_model_and_transforms(args, world.device, weights_follow=bool(args.resume))
     model = bundle[0]
     if args.resume:
         load_model_weights(model, args.resume, label="--resume")
+        logging.info("Loaded weights from %s", args.resume)
     if args.fsdp:
         # No FSDP2 mixed precision: products in the parameters' dtype, as without --fsdp (a bf16
         # all-gather would round away the finite-difference step).
@@ -188,13 +201,15 @@ def run(args, world):
     if args.reference_checkpoint:
         reference = model_state_dict(load_checkpoint(args.reference_checkpoint))
     batches, split = hessian_batches(args, bundle, world)
-    loss_fn = contrastive_loss_fn(create_loss(args, world))
+    loss_fn = contrastive_loss_fn(create_loss(args, world, model))
     partial = None
     if args.hessian_output:
         partial = PartialState(partial_state_folder(args.hessian_output), evaluation_settings(args), world.rank,
                                world.world_size, world.device).load()
     stage = partial.stage if partial else (lambda name, compute: compute(None, None))
     settings = dict(seed=args.seed, params=args.hessian_params)
+    compiled = compile_model(model, args)
+    model = compiled if compiled is not None else model  # finite differences through the compiled forward
     common = (model, loss_fn, batches)
 
     def bar(description: str, total: int):
@@ -263,7 +278,7 @@ def run(args, world):
         "top_k": args.hessian_top_k, "bottom_k": args.hessian_bottom_k, "max_iter": args.hessian_max_iter,
         "density_probes": args.hessian_density_probes if args.hessian_density else None,
         "density_steps": args.hessian_density_steps if args.hessian_density else None,
-        "eigenvectors": args.hessian_save_eigenvectors, "fsdp": args.fsdp,
+        "eigenvectors": args.hessian_save_eigenvectors, "fsdp": args.fsdp, "torchcompile": args.torchcompile,
     }
     return report, partial
 
@@ -313,14 +328,15 @@ def write_outputs(args, report: dict):
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = command_line(argv)
 
     def body() -> int:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
         args = parse_args(argv)
         world = init_distributed(device=args.device, backend=args.dist_backend, dist_url=args.dist_url,
                                  timeout_minutes=args.dist_timeout, set_device_rank=not args.no_set_device_rank)
-        report, partial = run(args, world)
+        setup_console_logging(world.is_master)
+        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+            report, partial = run(args, world)
         if world.is_master:
             write_outputs(args, report)
         if partial is not None:

@@ -7,7 +7,9 @@ epoch (DDP and FSDP need equal counts), and `set_position(epoch, start_batch)` m
 iteration resume an epoch mid-way exactly where an uninterrupted run would be."""
 import atexit
 import logging
+import os
 import signal
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
@@ -18,6 +20,20 @@ from torch.utils.data import DataLoader, default_collate
 from .precision import input_dtype
 
 _ITERATORS = weakref.WeakSet()
+
+# torch warns on every dataloader iterator (training, validation, each zero-shot set, every rank)
+# when one loader's workers exceed the cores; check_worker_count says it once per run instead,
+# counting the workers of all ranks on the node.
+warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+
+
+def check_worker_count(workers: int) -> None:
+    """One warning when the dataloader workers of this node's ranks outnumber its CPU cores."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if workers * ranks > (cores or 1):
+        logging.warning("--workers %d x %d rank(s) on this node = %d dataloader processes for %d CPU cores: "
+                        "data loading may be faster with fewer workers", workers, ranks, workers * ranks, cores)
 
 
 @dataclass

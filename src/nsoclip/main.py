@@ -1,6 +1,6 @@
 """`python -m nsoclip.main`: OpenCLIP's training entry point, with NSO and SAM as optimizers.
 
-Read top to bottom: launch, model, data, resume checkpoint (everything checked before the run
+Read top to bottom: launch, resume checkpoint, model, data (everything checked before the run
 folder is touched), run folder, optimizer, then the epoch loop (train, checkpoint, evaluate).
 Runs as a plain process, under torchrun, or under SLURM srun."""
 import logging
@@ -10,22 +10,25 @@ import sys
 import time
 from pathlib import Path
 
+import open_clip
 import torch
 
-from .checkpoint import Checkpointer, checkpoint_paths
+from . import __version__, remote
+from .checkpoint import Checkpointer, checkpoint_paths, checkpoint_position
+from .checks import command_line
 from .classification import zero_shot_sets
 from .cli import run_command
 from .curvature import hessian_metrics
 from .data import get_data
 from .distributed import barrier, broadcast_object, init_distributed
 from .evaluate import evaluate, write_results
-from .loader import first_batches
-from .logger import MetricsLogger, setup_logging
+from .loader import check_worker_count, first_batches
+from .logger import MetricsLogger, ReportToError, report_targets, setup_logging
 from .loss import contrastive_loss_fn, create_loss
-from .model import create_model_and_transforms, prepare_for_training
-from .optim import create_optimizer
-from .parallel import ShardingOptions, distribute
-from .params import UsageError, parse_args
+from .model import compile_options, create_model_and_transforms, prepare_for_training, torchscript
+from .optim import check_against_model, create_optimizer
+from .parallel import ShardingOptions, check_layout, distribute
+from .params import UsageError, keeps_run_folder, parse_args, unused_settings
 from .precision import grad_scaler
 from .rng import seed_everything
 from .scheduler import LRSchedule
@@ -38,6 +41,7 @@ STOPPED_ON_REQUEST = 128 + signal.SIGTERM
 # What a run writes into its folder besides checkpoints; a folder holding nothing else is the
 # leftover of a start that failed before its first checkpoint, and the same command reuses it.
 RUN_FILES = ("out.log", "params.txt", "results.jsonl", "metrics.jsonl", "tensorboard")
+RANK_LOGS = "out-*.log"  # --log-local
 
 
 def default_name(args) -> str:
@@ -64,8 +68,7 @@ def claim_run_dir(args, run_dir: Path, world) -> None:
                        "or choose another --name")
         else:
             if not checkpoints:
-                for leftover in RUN_FILES:
-                    path = run_dir / leftover
+                for path in [run_dir / leftover for leftover in RUN_FILES] + list(run_dir.glob(RANK_LOGS)):
                     if path.is_dir():
                         shutil.rmtree(path)
                     else:
@@ -76,14 +79,75 @@ def claim_run_dir(args, run_dir: Path, world) -> None:
         raise UsageError(refusal)
 
 
-def write_params(args, run_dir: Path):
+def settings(args, model) -> dict:
+    """The flags as the run uses them, for params.txt and wandb: every flag but those it never
+    reads (params.unused_settings), so no default shows as if it were applied."""
+    unused = unused_settings(args, coca=isinstance(model, open_clip.CoCa))
+    return {name: getattr(args, name) for name in sorted(vars(args)) if name not in unused}
+
+
+def write_params(values: dict, run_dir: Path):
     with open(run_dir / "params.txt", "w") as f:
-        for name in sorted(vars(args)):
-            f.write(f"{name}: {getattr(args, name)}\n")
+        for name, value in values.items():
+            f.write(f"{name}: {value}\n")
 
 
 def due(completed_epochs: int, frequency: int, final: bool) -> bool:
-    return final or (frequency > 0 and completed_epochs % frequency == 0)
+    """OpenCLIP's rule: every `frequency` epochs and after the final one; frequency 0 never."""
+    return frequency > 0 and (final or completed_epochs % frequency == 0)
+
+
+def resume_checkpoint(args, checkpoints: Checkpointer, world):
+    """--resume's checkpoint: a path, or for `latest` the newest of the run folder, or of the
+    --remote-sync copy when that one is newer (downloaded into the run folder); None to start fresh."""
+    resume_from = checkpoints.resolve(args.resume)
+    if args.resume == "latest" and args.remote_sync:
+        local_step = checkpoint_position(resume_from) if resume_from is not None else None
+        resume_from = remote.fetch_latest(args.remote_sync, args.name, args.remote_sync_protocol, checkpoints.dir,
+                                          world, local_step) or resume_from
+    return resume_from
+
+
+def start_remote_sync(args, run_dir: Path, world):
+    """Rank 0's RemoteSync after a first sync that worked; a failure stops every rank with one line."""
+    sync, failure = None, None
+    if world.is_master:
+        try:
+            sync = remote.RemoteSync(run_dir, args.remote_sync, args.name, args.remote_sync_protocol,
+                                     args.remote_sync_frequency)
+            sync.first_sync()
+            sync.start()
+        except remote.RemoteSyncError as error:
+            failure = str(error)
+    failure = broadcast_object(failure)
+    if failure is not None:
+        raise remote.RemoteSyncError(failure)
+    return sync
+
+
+def start_metrics(args, run_dir, world, values: dict) -> MetricsLogger:
+    """The MetricsLogger of every rank; a wandb that cannot start stops every rank with one line."""
+    targets = report_targets(args.report_to)
+    metrics, failure = None, None
+    try:
+        metrics = MetricsLogger(run_dir, world.is_master, tensorboard="tensorboard" in targets,
+                                wandb_init=wandb_init(args, values) if "wandb" in targets else None)
+    except ReportToError as error:
+        failure = str(error)
+    failure = broadcast_object(failure)
+    if failure is not None:
+        if metrics is not None:
+            metrics.close()
+        raise ReportToError(failure)
+    return metrics
+
+
+def wandb_init(args, values: dict) -> dict:
+    """OpenCLIP's wandb.init: project, run name = id = --name (so a resumed run continues the
+    same wandb run), notes, and as config the settings params.txt holds (OpenCLIP also uploads
+    params.txt itself, a copy of that config)."""
+    return dict(project=args.wandb_project_name, name=args.name, id=args.name, notes=args.wandb_notes, tags=[],
+                resume="allow" if args.resume else None, config=values)
 
 
 def evaluate_and_record(run, data, sets, tokenizer, preprocess_val, completed_epochs, run_dir, final):
@@ -107,7 +171,9 @@ def evaluate_and_record(run, data, sets, tokenizer, preprocess_val, completed_ep
         metrics.update(hessian_metrics(run.model, contrastive_loss_fn(run.loss), batches, args))
     barrier()
     if metrics:
-        write_results(metrics, run_dir, completed_epochs, run.step, run.metrics.writer)
+        if run_dir is not None:
+            write_results(metrics, run_dir, completed_epochs, run.step, run.metrics.writer, run.compute.totals())
+        run.metrics.log_eval(metrics, step=run.step, epoch=completed_epochs)
 
 
 def sharding_options(args):
@@ -123,39 +189,55 @@ def train(args) -> bool:
     """True when the run finished; False when it stopped on a signal after a step checkpoint."""
     world = init_distributed(device=args.device, backend=args.dist_backend, dist_url=args.dist_url,
                              timeout_minutes=args.dist_timeout, set_device_rank=not args.no_set_device_rank)
-    setup_logging(None, world.is_master, args.debug)
+    check_layout(world, args.use_bn_sync)
+    if args.remote_sync:
+        remote.filesystem(args.remote_sync, args.remote_sync_protocol)
+    setup_logging(None, world.is_master, args.debug, hold=keeps_run_folder(args))
     args.name = agree_on_name(args, world)
-    run_dir = Path(args.logs) / args.name
+    run_dir = Path(args.logs) / args.name if keeps_run_folder(args) else None
     if world.device.type == "cuda":
         # As OpenCLIP: TF32 matmuls and cuDNN autotuning, the speed its users' numbers assume.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    checkpoints = Checkpointer(run_dir / "checkpoints" if run_dir is not None else None, args, world)
+    resume_from = resume_checkpoint(args, checkpoints, world)
 
     seed_everything(args.seed, 0)
-    model, preprocess_train, preprocess_val, tokenizer = create_model_and_transforms(args, world.device)
+    model, preprocess_train, preprocess_val, tokenizer = create_model_and_transforms(
+        args, world.device, weights_follow=resume_from is not None)
     prepare_for_training(model, args)
+    check_against_model(args, model)
+    loss = create_loss(args, world, model)
+    values = settings(args, model)
+    scripted = torchscript(model, args)
     seed_everything(args.seed, world.rank)
     data = get_data(args, (preprocess_train, preprocess_val), tokenizer, world)
     sets = zero_shot_sets(args, world)
     steps_per_epoch = data["train"].num_batches // args.accum_freq if "train" in data else 0
     if "train" in data and steps_per_epoch == 0:
         raise UsageError(f"--accum-freq {args.accum_freq} exceeds the {data['train'].num_batches} batches per epoch")
-    checkpoints = Checkpointer(run_dir / "checkpoints", args, world)
-    resume_from = checkpoints.resolve(args.resume)
     resumed = checkpoints.load(resume_from, model) if resume_from is not None else None
 
-    claim_run_dir(args, run_dir, world)
-    setup_logging(run_dir / "out.log", world.is_master, args.debug)
+    if run_dir is not None:
+        claim_run_dir(args, run_dir, world)
+        setup_logging(run_dir / "out.log", world.is_master, args.debug,
+                      rank_file=run_dir / f"out-{world.rank}.log" if args.log_local else None)
+        if world.is_master:
+            write_params(values, run_dir)
+    logging.info("Run %s on %d process(es), device %s, precision %s (nsoclip %s, open_clip %s, torch %s)",
+                 run_dir if run_dir is not None else f"{args.name} (--logs {args.logs}: no run folder)",
+                 world.world_size, world.device, args.precision, __version__, open_clip.__version__, torch.__version__)
     if world.is_master:
-        write_params(args, run_dir)
-    logging.info("Run %s on %d process(es), device %s", run_dir, world.world_size, world.device)
+        check_worker_count(args.workers)
     checkpoints.remove_partial_writes()
-    layout = distribute(model, world, args.ddp_static_graph, sharding_options(args))
+    layout = distribute(model, world, args.ddp_static_graph, args.use_bn_sync, sharding_options(args), scripted,
+                        compile_options(args))
     optimizer = create_optimizer(args, model, layout)
-    metrics = MetricsLogger(run_dir, world.is_master, tensorboard="tensorboard" in args.report_to)
-    run = Run(args=args, world=world, model=model, layout=layout, loss=create_loss(args, world),
+    metrics = start_metrics(args, run_dir, world, values)
+    run = Run(args=args, world=world, model=model, layout=layout, loss=loss,
               optimizer=optimizer, scaler=grad_scaler(args.precision, world.device),
               schedule=LRSchedule(optimizer, args, steps_per_epoch), checkpoints=checkpoints, metrics=metrics)
+    sync = start_remote_sync(args, run_dir, world) if args.remote_sync else None
     try:
         if "train" not in data:
             evaluate_and_record(run, data, sets, tokenizer, preprocess_val, 0, run_dir, True)
@@ -181,17 +263,19 @@ def train(args) -> bool:
                 return False
             evaluate_and_record(run, data, sets, tokenizer, preprocess_val, completed, run_dir,
                                 completed == args.epochs)
+        if world.is_master and run_dir is not None:
+            logging.info("Done. Log: %s  TensorBoard: %s  Checkpoints: %s", run_dir / "out.log",
+                         run_dir / "tensorboard" if metrics.writer else "(--report-to tensorboard to enable)",
+                         run_dir / "checkpoints")
+        return True
     finally:
         metrics.close()
-    if world.is_master:
-        logging.info("Done. Log: %s  TensorBoard: %s  Checkpoints: %s", run_dir / "out.log",
-                     run_dir / "tensorboard" if metrics.writer else "(--report-to tensorboard to enable)",
-                     run_dir / "checkpoints")
-    return True
+        if sync is not None:
+            sync.close()
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = command_line(argv)
     return run_command(lambda: 0 if train(parse_args(argv)) else STOPPED_ON_REQUEST, argv)
 
 

@@ -1,7 +1,8 @@
 """How the model is laid out over the ranks, known in this module only: one process, DDP (every
 rank holds the whole model, gradients are all-reduced in backward) or FSDP2 (`fully_shard`: every
 rank holds 1/N of each parameter, gradient and optimizer state; each residual block gathers its
-parameters for its forward and backward and reduce-scatters its gradients).
+parameters for its forward and backward and reduce-scatters its gradients), with BatchNorm
+synchronised over DDP's ranks on request (--use-bn-sync).
 
 The loop, the optimizers, the checkpoints and the evaluators ask a `Layout` for what they need,
 never branching on the layout: the module the closure calls, a `no_sync()` for passes that only
@@ -18,12 +19,21 @@ import torch
 import torch.distributed as dist
 from open_clip.modified_resnet import Bottleneck
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import World
+from .errors import NsoclipError
+
+# Where torch's SyncBatchNorm runs (its forward refuses CPU tensors).
+SYNC_BATCHNORM_DEVICES = ("cuda", "xpu", "hpu")
+
+
+class LayoutError(NsoclipError, ValueError):
+    """The requested layout cannot run on this launch."""
 
 # When FSDP2 reduce-scatters gradients: after every backward (each NSO/SAM pass, each
 # --accum-freq micro-batch), keeping gradients sharded; or once per step, accumulating unsharded
@@ -36,8 +46,12 @@ RESIDUAL_BLOCKS = (ResidualAttentionBlock, CustomResidualAttentionBlock, Bottlen
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare open_clip model inside a DDP wrapper (or the model itself; fully_shard keeps it)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The bare open_clip model inside DDP's wrapper (`.module`) and torch.compile's (`_orig_mod`,
+    which also prefixes parameter names), nested in either order; or the model itself (fully_shard
+    and per-block compile keep it)."""
+    while isinstance(model, (DistributedDataParallel, OptimizedModule)):
+        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
+    return model
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -109,6 +123,10 @@ class Layout:
     def total_norm(self, local_norms: List[torch.Tensor]) -> torch.Tensor:
         """The 2-norm over all elements of all ranks from per-tensor norms of the local elements."""
         return torch.linalg.vector_norm(torch.stack(local_norms))
+
+    def sum_over_shards(self, local_sums: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Per tensor, the sum over every rank holding a part of it of per-rank partial sums."""
+        return local_sums
 
     def evaluation(self):
         """Around forwards that ranks run in different numbers (each scores its own share)."""
@@ -198,6 +216,11 @@ class Sharded(Layout):
         squares = torch.stack(local_norms).square().sum()
         dist.all_reduce(squares, group=self._group)  # one scalar over the mesh the shards live on
         return squares.sqrt()
+
+    def sum_over_shards(self, local_sums):
+        sums = torch.stack(local_sums)
+        dist.all_reduce(sums, group=self._group)  # one call for all tensors
+        return list(sums.unbind())
 
     @contextlib.contextmanager
     def evaluation(self):
@@ -309,7 +332,7 @@ def vectorize_scalars(model: torch.nn.Module) -> List[str]:
     return names
 
 
-def shard(model: torch.nn.Module, world: World, options: ShardingOptions) -> Sharded:
+def shard(model: torch.nn.Module, world: World, options: ShardingOptions, compile: Optional[dict] = None) -> Sharded:
     """fully_shard over all ranks: one unit per residual block of each tower, then the root (the
     embeddings, norms, projections and logit_scale). The root keeps its parameters gathered from
     forward to backward (FSDP2's default for it); the blocks reshard after forward unless
@@ -326,7 +349,12 @@ def shard(model: torch.nn.Module, world: World, options: ShardingOptions) -> Sha
     if not blocks:
         logging.warning("--fsdp: %s has no residual blocks to shard one by one; the whole model is one unit",
                         type(model).__name__)
+    if compile is not None:
+        logging.info("Compiling each of %d residual blocks (torch.compile, backend %s, mode %s)", len(blocks),
+                     compile["backend"], compile.get("mode") or "default")
     for block in blocks:
+        if compile is not None:
+            block.compile(**compile)
         fully_shard(block, reshard_after_forward=options.reshard_after_forward, **common)
     fully_shard(model, reshard_after_forward=False, **common)
     # FSDP2 settles which unit is the root at the first forward through it; zero-shot calls
@@ -337,14 +365,55 @@ def shard(model: torch.nn.Module, world: World, options: ShardingOptions) -> Sha
     return Sharded(model, options.grad_reduce, scalar_names, options.reshard_after_forward)
 
 
-def distribute(model: torch.nn.Module, world: World, static_graph: bool = False,
-               sharding: Optional[ShardingOptions] = None) -> Layout:
+def compiled(module: torch.nn.Module, options: Optional[dict]) -> torch.nn.Module:
+    """torch.compile(module, **options), or the module itself without options."""
+    if options is None:
+        return module
+    if isinstance(module, DistributedDataParallel) and any(getattr(m, "grad_checkpointing", False)
+                                                           for m in module.modules()):
+        # As OpenCLIP, whose users saw compile + checkpointing break (OpenCLIP issue 726): no graph
+        # split at DDP's buckets, which costs only the overlap of all-reduce and backward.
+        torch._dynamo.config.optimize_ddp = False
+    logging.info("Compiling %s (torch.compile, backend %s, mode %s)", type(module).__name__, options["backend"],
+                 options.get("mode") or "default")
+    return torch.compile(module, **options)
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def check_layout(world: World, sync_batchnorm: bool) -> None:
+    """What can be known before the model exists: SyncBatchNorm needs GPUs when distributed."""
+    if sync_batchnorm and world.distributed and world.device.type not in SYNC_BATCHNORM_DEVICES:
+        raise LayoutError(f"--use-bn-sync: torch's SyncBatchNorm runs on GPUs only, not on {world.device.type} "
+                          f"(drop the flag: each rank then normalises with its own batch's statistics)")
+
+
+def distribute(model: torch.nn.Module, world: World, static_graph: bool = False, sync_batchnorm: bool = False,
+               sharding: Optional[ShardingOptions] = None, scripted: Optional[torch.nn.Module] = None,
+               compile: Optional[dict] = None) -> Layout:
     """The layout of `model` over the ranks: FSDP2 with `sharding`, else DDP when distributed,
-    else one process."""
+    else one process. The training step calls `scripted` (--torchscript, the same parameters)
+    when given; checkpoints, evaluation and the Hessian keep the eager, uncompiled `model`. With
+    `sync_batchnorm` (DDP) the BatchNorm layers of `model` are replaced in place by SyncBatchNorm
+    sharing their parameters and statistics (as OpenCLIP does, only when distributed: on one
+    process both are the same).
+
+    `compile` (torch.compile's keyword arguments, --torchcompile) compiles what the closure
+    calls: the DDP wrapper, as OpenCLIP does (dynamo splits the graph at DDP's buckets, so the
+    all-reduces overlap the backward), or the bare model on one process; under FSDP2 each
+    residual block before it is sharded (FSDP2's hooks stay between the graphs)."""
     if sharding is not None:
-        return shard(model, world, sharding)
+        return shard(model, world, sharding, compile)
+    forward = scripted if scripted is not None else model
     if not world.distributed:
-        return Layout(model)
-    ddp = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None,
+        return Layout(model, compiled(forward, compile))
+    check_layout(world, sync_batchnorm)
+    if sync_batchnorm:
+        if not has_batchnorm(model):
+            logging.info("--use-bn-sync: --model has no BatchNorm layers, nothing to synchronise")
+        forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(forward)  # the same CLIP object, children replaced
+    ddp = DistributedDataParallel(forward, device_ids=[world.device] if world.device.type == "cuda" else None,
                                   static_graph=static_graph)
-    return Layout(model, ddp, ddp.no_sync)
+    return Layout(model, compiled(ddp, compile), ddp.no_sync)

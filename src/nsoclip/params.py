@@ -3,14 +3,14 @@ are added beside them. Flag groups are functions so the Hessian and zero-shot CL
 import argparse
 import ast
 import re
-import sys
 
-from . import curvature, nso, parallel, sam
+from . import curvature, logger, loss, nso, parallel, remote, sam
 from .checkpoint import CHECKPOINT_KINDS
-from .checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
+from .checks import command_line, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from .errors import NsoclipError
+from .model import COMPILE_MODES, DEFAULT_COMPILE_BACKEND, compile_backend
 from .optim import OPTIMIZERS
-from .precision import PRECISIONS
+from .precision import PRECISIONS, default_precision
 from .spectral import HUTCHINSON_BLOCK
 
 
@@ -18,29 +18,19 @@ class UsageError(NsoclipError, ValueError):
     """An invalid flag or flag combination; main() prints it as one line and exits 2."""
 
 
-# OpenCLIP flags whose feature we do not ship: refused with the reason, never silently ignored.
+# OpenCLIP flags whose feature we do not ship: refused with the reason and what to do instead,
+# never silently ignored.
 UNSUPPORTED = {
-    "--horovod": "Horovod is not supported; launch with torchrun or srun (torch.distributed)",
-    "--torchscript": "TorchScript export is not supported",
-    "--trace": "model tracing is not supported",
-    "--torchcompile": "torch.compile is not supported by the NSO/SAM step yet",
-    "--remote-sync": "remote sync is not supported; write --logs to shared storage",
-    "--remote-sync-frequency": "remote sync is not supported; write --logs to shared storage",
-    "--remote-sync-protocol": "remote sync is not supported; write --logs to shared storage",
-    "--distill-model": "distillation is not supported",
-    "--distill-pretrained": "distillation is not supported",
-    "--use-bnb-linear": "bitsandbytes linear layers are not supported",
-    "--use-bn-sync": "SyncBatchNorm is not supported (ViT CLIP models have no batch norm)",
-    "--copy-codebase": "--copy-codebase is not supported",
-    "--log-local": "logs are written by rank 0 only; --log-local is not supported",
-    "--coca-caption-loss-weight": "CoCa models are not supported",
-    "--coca-contrastive-loss-weight": "CoCa models are not supported",
-    "--loss-dist-impl": "only the all_gather contrastive loss is supported",
-    "--skip-scheduler": "use --lr-scheduler const instead of --skip-scheduler",
-    "--momentum": "only AdamW is supported as base optimizer (--momentum is for timm optimizers)",
-    "--pretrained-image": "--pretrained-image downloads weights; pass a local --pretrained file",
-    "--wandb-notes": "wandb is not supported; use --report-to tensorboard",
-    "--wandb-project-name": "wandb is not supported; use --report-to tensorboard",
+    "--horovod": "Horovod is not supported; launch the same command with torchrun or srun (torch.distributed)",
+    "--trace": "--trace (an inference-only traced model, which OpenCLIP cannot train either) is not supported; "
+               "evaluate checkpoints with python -m nsoclip.zeroshot",
+    "--distill-model": "distillation is not supported; train with the contrastive loss (drop the --distill-* flags)",
+    "--distill-pretrained": "distillation is not supported; train with the contrastive loss (drop the --distill-* flags)",
+    "--use-bnb-linear": "bitsandbytes int8 linear layers are not supported (NSO and SAM perturb floating-point "
+                        "weights); train without it",
+    "--copy-codebase": "--copy-codebase is not supported: nsoclip runs as an installed package and out.log "
+                       "records the nsoclip, open_clip and torch versions of the run",
+    "--momentum": "only AdamW is supported as base optimizer (--momentum is for timm optimizers); drop it",
 }
 
 # The reference NSO code's flag names, accepted so its scripts run unchanged.
@@ -76,8 +66,10 @@ def add_model_args(parser):
                        help="OpenCLIP model name, or path to a model-config JSON in OpenCLIP's format.")
     group.add_argument("--pretrained", default="", type=str,
                        help="OpenCLIP pretrained tag, or a checkpoint file (ours or OpenCLIP's).")
-    group.add_argument("--precision", choices=PRECISIONS, default="amp", help="Floating point precision.")
-    group.add_argument("--force-image-size", type=int, nargs="+", default=None, help="Override the model's image size.")
+    group.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="Floating point precision (default: amp on GPUs, fp32 on CPUs).")
+    group.add_argument("--force-image-size", type=int, nargs="+", default=None,
+                       help="Override the model's image size: one value (square) or height width.")
     group.add_argument("--force-context-length", type=int, default=None, help="Override the text context length.")
     group.add_argument("--force-quick-gelu", action="store_true", default=False,
                        help="Use QuickGELU (as OpenAI's models).")
@@ -102,6 +94,25 @@ def add_model_args(parser):
                             "(requires --gather-with-grad).")
     group.add_argument("--gather-with-grad", action="store_true", default=False,
                        help="All-gather features with gradient (exact distributed contrastive loss).")
+    group.add_argument("--pretrained-image", action="store_true", default=False,
+                       help="ImageNet weights for a timm image tower (through timm's Hugging Face cache).")
+    group.add_argument("--loss-dist-impl", choices=loss.SIGLIP_DIST_IMPLS, default=None,
+                       help="How SigLIP exchanges features between ranks (default bidir).")
+    group.add_argument("--coca-caption-loss-weight", type=NON_NEGATIVE.flag(), default=2.0,
+                       help="Weight of the captioning loss (CoCa models).")
+    group.add_argument("--coca-contrastive-loss-weight", type=NON_NEGATIVE.flag(), default=1.0,
+                       help="Weight of the contrastive loss (CoCa models).")
+
+
+def add_compile_args(parser):
+    group = parser.add_argument_group("compile")
+    group.add_argument("--torchcompile", action="store_true", default=False,
+                       help="torch.compile the model the training step calls (every --opt; the saved, "
+                            "evaluated and Hessian model stays uncompiled).")
+    group.add_argument("--torchcompile-backend", type=compile_backend, default=None,
+                       help=f"torch.compile backend, e.g. inductor or aot_eager (default: {DEFAULT_COMPILE_BACKEND}).")
+    group.add_argument("--torchcompile-mode", choices=COMPILE_MODES, default=None,
+                       help="torch.compile mode of the inductor backend (default: default).")
 
 
 def add_distributed_args(parser):
@@ -115,6 +126,8 @@ def add_distributed_args(parser):
     group.add_argument("--no-set-device-rank", action="store_true", default=False,
                        help="Use cuda:0 in every process (when CUDA_VISIBLE_DEVICES is set per rank).")
     group.add_argument("--seed", type=int, default=0, help="Default random seed.")
+    group.add_argument("--use-bn-sync", action="store_true", default=False,
+                       help="SyncBatchNorm over the ranks (BatchNorm models such as RN50; GPUs only).")
 
 
 def add_sharding_args(parser):
@@ -226,6 +239,10 @@ def add_training_args(parser):
                        help="Freeze LayerNorm of locked text layers.")
     group.add_argument("--max-nonfinite-steps", type=POSITIVE_INT.flag(), default=10,
                        help="Stop after this many consecutive steps with a NaN/inf loss or gradient.")
+    group.add_argument("--skip-scheduler", action="store_true", default=False,
+                       help="Keep the learning rate at --lr from the first step (no warmup, no decay).")
+    group.add_argument("--torchscript", action="store_true", default=False,
+                       help="Train the model scripted by torch.jit.script (deprecated by torch).")
 
     optim = parser.add_argument_group("optimizer (NSO / SAM)")
     optim.add_argument("--opt", choices=OPTIMIZERS, default="adamw",
@@ -242,6 +259,20 @@ def add_training_args(parser):
     optim.add_argument("--nso-sigma-ramp-steps", type=nso.SIGMA_RAMP_STEPS.flag(), default=0, help="Steps of the sigma ramp.")
     optim.add_argument("--nso-perturb", choices=nso.PERTURB_CHOICES, default="all",
                        help="'weights' leaves logit_scale, norms and biases unperturbed.")
+    optim.add_argument("--nso-noise-scale", choices=nso.NOISE_SCALES, default="absolute",
+                       help="Noise std sigma (absolute), or relative to w: sigma ||w_row|| / sqrt(row size) per "
+                            "output row (filter), sigma ||w|| / sqrt(numel) per tensor (layer), "
+                            "sigma (|w| + eta) per element (element).")
+    optim.add_argument("--nso-noise-eta", type=nso.NOISE_ETA.flag(), default=0.01,
+                       help="eta of --nso-noise-scale element (ASAM's offset).")
+    optim.add_argument("--nso-sigma-groups", type=nso.sigma_groups_flag, default=None,
+                       help="Per-group sigma, e.g. 'visual=0.01,text=0.005,logit_scale=0': a pattern is a tower "
+                            "(visual, text, other) or part of a parameter name; first match wins, the rest "
+                            "use --nso-sigma.")
+    optim.add_argument("--nso-every", type=nso.EVERY.flag(), default=1,
+                       help="Perturbed steps every N-th step, plain AdamW steps in between.")
+    optim.add_argument("--nso-start-step", type=nso.START_STEP.flag(), default=0,
+                       help="Plain AdamW steps before this step, perturbed steps from it on.")
     optim.add_argument("--sam-rho", type=sam.RHO.flag(), default=0.05, help="SAM neighbourhood radius.")
     optim.add_argument("--sam-adaptive", action="store_true", default=False, help="ASAM.")
     optim.add_argument("--sam-ascent", choices=sam.ASCENTS, default="local",
@@ -249,9 +280,15 @@ def add_training_args(parser):
                             "or the all-reduced gradient (2 all-reduces/step).")
 
     logs = parser.add_argument_group("logging and checkpoints")
-    logs.add_argument("--logs", type=str, default="./logs/", help="Root folder of run folders.")
+    logs.add_argument("--logs", type=str, default="./logs/",
+                      help="Root folder of run folders; 'none' keeps no run folder (console only).")
     logs.add_argument("--name", type=str, default=None, help="Run folder name (default: date and settings).")
-    logs.add_argument("--report-to", default="", type=str, help="'tensorboard' or '' (none).")
+    logs.add_argument("--report-to", default="", type=str,
+                      help="'tensorboard', 'wandb', both joined by ',', 'all', or '' (none).")
+    logs.add_argument("--wandb-project-name", type=str, default="open-clip", help="wandb project.")
+    logs.add_argument("--wandb-notes", type=str, default="", help="wandb run notes.")
+    logs.add_argument("--log-local", action="store_true", default=False,
+                      help="Every rank also writes its own log, out-RANK.log.")
     logs.add_argument("--log-every-n-steps", type=POSITIVE_INT.flag(), default=100,
                       help="Log training metrics every N optimizer steps.")
     logs.add_argument("--save-frequency", type=NON_NEGATIVE_INT.flag(), default=1, help="Save epoch_N.pt every N epochs.")
@@ -265,6 +302,13 @@ def add_training_args(parser):
     logs.add_argument("--hessian-frequency", type=NON_NEGATIVE_INT.flag(), default=0, help="Hessian trace every N epochs (0: off).")
     logs.add_argument("--debug", action="store_true", default=False,
                       help="Verbose logging; show tracebacks instead of one-line errors.")
+    logs.add_argument("--remote-sync", type=str, default=None,
+                      help="Copy the run folder to this fsspec URL (s3://..., file://..., ...); "
+                           "--resume latest also looks there.")
+    logs.add_argument("--remote-sync-frequency", type=POSITIVE_INT.flag(), default=300,
+                      help="Seconds between remote syncs.")
+    logs.add_argument("--remote-sync-protocol", choices=remote.PROTOCOLS, default="s3",
+                      help="s3 (s3:// URLs, through s3fs) or fsspec (any fsspec URL).")
 
 
 def refuse_unsupported(argv):
@@ -311,6 +355,7 @@ def build_parser():
     add_data_args(parser)
     add_model_args(parser)
     add_training_args(parser)
+    add_compile_args(parser)
     add_distributed_args(parser)
     add_sharding_args(parser)
     add_eval_args(parser)
@@ -319,14 +364,48 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = command_line(argv)
     refuse_unsupported(argv)
     args = build_parser().parse_args(expand_aliases(argv))
     for name, value in default_adam_params(args.model).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    resolve_precision(args)
     validate(args)
     return args
+
+
+def resolve_precision(args) -> None:
+    """--precision left out: OpenCLIP's amp where it is meant for (GPUs), fp32 on a CPU."""
+    if args.precision is None:
+        args.precision = default_precision(args.device)
+
+
+def keeps_run_folder(args) -> bool:
+    """OpenCLIP's --logs none (or ''): no run folder, no checkpoints, logs on the console only."""
+    return bool(args.logs) and args.logs.lower() != "none"
+
+
+# Flags read only with another flag: left out of params.txt when that flag is off, so that no
+# default reads as if it were applied (nso_sigma in an AdamW run).
+SETTINGS_OF = {
+    "nso_": lambda args, coca: args.opt == "nso",
+    "sam_": lambda args, coca: args.opt == "sam",
+    "coca_": lambda args, coca: coca,
+    "wandb_": lambda args, coca: "wandb" in logger.report_targets(args.report_to),
+    "remote_sync_": lambda args, coca: bool(args.remote_sync),
+    "lock_image_": lambda args, coca: args.lock_image,
+    "lock_text_": lambda args, coca: args.lock_text,
+    "lr_cooldown_": lambda args, coca: args.lr_scheduler == "const-cooldown" and not args.skip_scheduler,
+    "hessian_": lambda args, coca: args.hessian_frequency > 0,
+}
+ALWAYS_READ = ("hessian_frequency",)
+
+
+def unused_settings(args, coca: bool = False) -> set:
+    """Names of the flags this run never reads (see SETTINGS_OF); `coca`: the model is a CoCa."""
+    return {name for name in vars(args) if name not in ALWAYS_READ and any(
+        name.startswith(prefix) and not used(args, coca) for prefix, used in SETTINGS_OF.items())}
 
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@,-]*$")
@@ -336,8 +415,35 @@ def validate(args):
     """Reject flag combinations that would train wrongly or waste a job."""
     if args.local_loss and not args.gather_with_grad:
         raise UsageError("--local-loss without --gather-with-grad gives a wrong gradient: add --gather-with-grad")
-    if args.report_to and args.report_to != "tensorboard":
-        raise UsageError(f"--report-to {args.report_to}: only 'tensorboard' is supported (wandb is not installed)")
+    targets = logger.report_targets(args.report_to)
+    if "wandb" in targets and not logger.wandb_available():
+        raise UsageError(f"--report-to {args.report_to}: wandb is not installed (pip install 'nsoclip[wandb]')")
+    if not keeps_run_folder(args):
+        writes = [flag for flag, value in (("--report-to tensorboard", "tensorboard" in targets),
+                                           ("--resume latest", args.resume == "latest"),
+                                           ("--save-most-recent", args.save_most_recent),
+                                           ("--save-every-n-steps", args.save_every_n_steps > 0),
+                                           ("--delete-previous-checkpoint", args.delete_previous_checkpoint),
+                                           ("--remote-sync", bool(args.remote_sync)),
+                                           ("--log-local", args.log_local)) if value]
+        if writes:
+            raise UsageError(f"--logs {args.logs!r} keeps no run folder, so {writes[0]} has nowhere to write "
+                             "or read: give --logs a folder")
+    if args.loss_dist_impl and not args.siglip:
+        raise UsageError(f"--loss-dist-impl {args.loss_dist_impl} applies to --siglip only "
+                         "(the CLIP loss has one implementation, all_gather)")
+    if args.torchscript and args.grad_checkpointing:
+        raise UsageError("--torchscript with --grad-checkpointing: a scripted open_clip model skips activation "
+                         "checkpointing (drop one of them)")
+    if args.torchscript and args.use_bn_sync:
+        raise UsageError("--torchscript with --use-bn-sync: SyncBatchNorm cannot be swapped into a scripted model "
+                         "(drop one of them)")
+    if args.torchscript and args.torchcompile:
+        raise UsageError("--torchscript with --torchcompile: torch.compile does not take a scripted model "
+                         "(drop one of them; --torchcompile is the supported one)")
+    if args.pretrained_image and args.pretrained:
+        raise UsageError("--pretrained-image has no effect with --pretrained: the CLIP weights replace the "
+                         "image tower's (drop one of them)")
     if args.name is not None and (not NAME_PATTERN.match(args.name) or ".." in args.name):
         raise UsageError(f"--name {args.name!r}: use letters, digits and . _ - + = @ , only "
                          "(no path separators or '..'); the run folder must stay inside --logs")
@@ -345,6 +451,7 @@ def validate(args):
         raise UsageError(f"--nso-sigma-schedule {args.nso_sigma_schedule} needs --nso-sigma-ramp-steps > 0")
     validate_hessian(args)
     validate_sharding(args)
+    validate_compile(args)
     if args.lr_scheduler == "const-cooldown" and args.epochs_cooldown is None:
         raise UsageError("--lr-scheduler const-cooldown needs --epochs-cooldown")
     if args.epochs_cooldown is not None and not 0 <= args.epochs_cooldown < args.epochs:
@@ -385,6 +492,11 @@ def validate_sharding(args):
                          "and no --fsdp-offload-cpu: exact products (double backward) cannot run on an FSDP2 model, "
                          "bf16 all-gathers would round away the finite-difference step, and offloaded shards "
                          "live on another device than the batches")
+    if args.torchscript:
+        raise UsageError("--torchscript with --fsdp: fully_shard's hooks are not scriptable (drop --torchscript)")
+    if args.use_bn_sync:
+        raise UsageError("--use-bn-sync with --fsdp: SyncBatchNorm is synchronised through DDP here "
+                         "(drop one of them)")
 
 
 def validate_hessian(args):
@@ -396,3 +508,15 @@ def validate_hessian(args):
     if args.hessian_target_rel_stderr is not None and args.hessian_method != "hutchinson":
         raise UsageError(f"--hessian-target-rel-stderr: only --hessian-method hutchinson stops at a precision, "
                          f"not {args.hessian_method}")
+
+
+def validate_compile(args):
+    """The cross-flag rules of the --torchcompile-* flags, shared by training and nsoclip-hessian."""
+    for flag, value in (("--torchcompile-backend", args.torchcompile_backend),
+                        ("--torchcompile-mode", args.torchcompile_mode)):
+        if value is not None and not args.torchcompile:
+            raise UsageError(f"{flag} {value} needs --torchcompile")
+    backend = args.torchcompile_backend or DEFAULT_COMPILE_BACKEND
+    if args.torchcompile_mode not in (None, "default") and backend != "inductor":
+        raise UsageError(f"--torchcompile-mode {args.torchcompile_mode}: a mode of the inductor backend, "
+                         f"which --torchcompile-backend {backend} would ignore")

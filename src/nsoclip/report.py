@@ -1,11 +1,16 @@
 """Comparison report over run folders: `python -m nsoclip.report RUN_DIR [RUN_DIR ...] --output DIR`.
 
-Reads each run's results.jsonl, zeroshot*.json, TensorBoard scalars, hessian*.json and params.txt; writes
-report.md (tables, commands, settings) with PNG plots, among them the Hessian's eigenvalue density
-(runs overlaid) and loss landscapes (runs side by side). It reads JSON only: no torch at import. Every number that has a standard error is
-shown with it, and a difference between two runs is called significant only when it exceeds two
-combined standard errors, sqrt(se1^2 + se2^2): the report never names a winner the error bars do
-not support. The first run is the baseline the others are compared to.
+Reads each run's results.jsonl, metrics.jsonl, zeroshot*.json, TensorBoard scalars, hessian*.json and
+params.txt; writes report.md (tables, commands, settings) with PNG plots, among them the Hessian's
+eigenvalue density (runs overlaid) and loss landscapes (runs side by side). It reads JSON only: no
+torch at import. Every number that has a standard error is shown with it, and a difference between
+two runs is called significant only when it exceeds two combined standard errors,
+sqrt(se1^2 + se2^2): the report never names a winner the error bars do not support. The first run
+is the baseline the others are compared to.
+
+Runs that differ only in their seed are grouped (`nsoclip.seeds`): accuracy, loss and Hessian
+trace as mean +- standard error across seeds, and differences between settings tested at the
+seed level (Welch's t). Runs whose training FLOPs agree within 5% are marked compute-matched.
 """
 import argparse
 import json
@@ -17,12 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .checks import command_line
 from .errors import NsoclipError
 from .layout import tower_of
+from .seeds import group_by_setting, group_label, mean_and_stderr, welch
 
 SIGNIFICANCE = 2.0  # standard errors a difference must exceed
 ZEROSHOT_SUFFIX = "-zeroshot-val-top1"
 TOWERS = ("visual", "text", "other")
+COMPUTE_MATCH = 0.05  # relative difference of training FLOPs within which runs are compute-matched
 # Shown for every run whatever differs; other params.txt entries only where the runs differ.
 KEY_SETTINGS = ("model", "opt", "nso_sigma", "nso_num_perturbs", "nso_two_point", "nso_lam", "sam_rho",
                 "batch_size", "lr", "wd", "warmup", "epochs", "precision", "seed", "train_num_samples")
@@ -44,6 +52,7 @@ class Run:
     name: str
     path: Path
     results: List[dict] = field(default_factory=list)
+    metrics: List[dict] = field(default_factory=list)  # metrics.jsonl, one record per logged step
     scalars: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
     hessian: Optional[dict] = None
     hessian_source: Optional[str] = None
@@ -75,6 +84,15 @@ def read_results(path: Path) -> List[dict]:
             raise ReportError(f"{path}:{line_number}: not a JSON object")
         records.append(record)
     return records
+
+
+def read_metrics(path: Path) -> List[dict]:
+    """metrics.jsonl records by step; when a requeued run logs a step again, the later record wins."""
+    by_step = {}
+    for record in read_results(path):
+        if number(record.get("step")) is not None:
+            by_step[int(record["step"])] = record
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def read_scalars(tensorboard_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
@@ -149,11 +167,12 @@ def load_run(path, name: str) -> Run:
         raise ReportError(f"{path}: no such run folder")
     results = read_results(path / "results.jsonl") + read_standalone_evaluations(path)
     hessian, source = read_hessian(path, results)
-    run = Run(name=name, path=path, results=results, scalars=read_scalars(path / "tensorboard"),
-              hessian=hessian, hessian_source=source, params=read_params(path / "params.txt"))
-    if not (run.results or run.scalars or run.hessian or run.params):
-        raise ReportError(f"{path}: no results.jsonl, tensorboard/ events, hessian*.json, zeroshot*.json "
-                          "or params.txt")
+    run = Run(name=name, path=path, results=results, metrics=read_metrics(path / "metrics.jsonl"),
+              scalars=read_scalars(path / "tensorboard"), hessian=hessian, hessian_source=source,
+              params=read_params(path / "params.txt"))
+    if not (run.results or run.metrics or run.scalars or run.hessian or run.params):
+        raise ReportError(f"{path}: no results.jsonl, metrics.jsonl, tensorboard/ events, hessian*.json, "
+                          "zeroshot*.json or params.txt")
     return run
 
 
@@ -182,6 +201,30 @@ def final_scalar(run: Run, tag: str) -> Optional[float]:
     return number(values[-1][1]) if values else None
 
 
+def final_loss(run: Run) -> Optional[float]:
+    """The last logged training loss: TensorBoard's train/loss, else metrics.jsonl's."""
+    loss = final_scalar(run, "train/loss")
+    if loss is None and run.metrics:
+        loss = number(run.metrics[-1].get("loss"))
+    return loss
+
+
+def train_flops(run: Run) -> Optional[float]:
+    """Cumulative training FLOPs at the last logged step (nsoclip.compute)."""
+    return number(run.metrics[-1].get("train_flops")) if run.metrics else None
+
+
+def compute_matched(runs: Sequence[Run]) -> Dict[str, List[str]]:
+    """For each run, the runs of other settings whose training FLOPs are within COMPUTE_MATCH of its own."""
+    setting = {runs[i].name: g for g, indices in enumerate(group_by_setting([run.params for run in runs]))
+               for i in indices}
+    flops = {run.name: train_flops(run) for run in runs}
+    return {run.name: [other.name for other in runs
+                       if setting[other.name] != setting[run.name] and flops[run.name] and flops[other.name]
+                       and abs(flops[other.name] / flops[run.name] - 1) <= COMPUTE_MATCH]
+            for run in runs}
+
+
 def step_time(run: Run) -> Estimate:
     """Mean wall time per optimizer step over the logged windows, with its standard error. The
     first window (start-up, compilation, first data) is left out when three or more were logged."""
@@ -192,13 +235,7 @@ def step_time(run: Run) -> Estimate:
 
 
 def mean_estimate(values: Sequence[float]) -> Estimate:
-    if not values:
-        return Estimate(None)
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return Estimate(mean)
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return Estimate(mean, math.sqrt(variance / len(values)))
+    return Estimate(*mean_and_stderr(values))
 
 
 def traces_with_errors(hessian: dict, key: str) -> Dict[str, Estimate]:
@@ -253,6 +290,17 @@ def noise_stability(hessian: dict) -> Dict[str, Estimate]:
         else:
             stability[label] = Estimate(number(entry))
     return stability
+
+
+def final_weights_loss(run: Run) -> Optional[float]:
+    """L(w) at the checkpoint the Hessian was measured at (nsoclip.hessian's noise_stability
+    records it): unlike the logged training loss, for NSO and SAM too the loss at w itself."""
+    entries = (run.hessian or {}).get("noise_stability")
+    if isinstance(entries, list):
+        for entry in entries:
+            if isinstance(entry, dict) and number(entry.get("loss")) is not None:
+                return number(entry["loss"])
+    return None
 
 
 def extreme_eigenvalue(hessian: dict, key: str = "top_eigenvalues") -> Optional[float]:
@@ -354,41 +402,55 @@ def new_figure(width: float = 7.0, height: float = 4.0):
     return figure, figure.add_subplot()
 
 
-def plot_training_loss(runs: Sequence[Run], path: Path) -> bool:
-    curves = [(run.name, run.scalars["train/loss"]) for run in runs if run.scalars.get("train/loss")]
-    if not curves:
-        return False
-    figure, axes = new_figure()
-    for name, points in curves:
-        axes.plot([s for s, _ in points], [v for _, v in points], marker=".", label=name)
-    axes.set(xlabel="optimizer step", ylabel="training loss (mean over ranks)", title="Training loss")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    return True
-
-
-def plot_zeroshot(runs: Sequence[Run], keys: Sequence[str], path: Path) -> bool:
-    curves = []
-    for run in runs:
-        for key in keys:
-            by_epoch = {record["epoch"]: number(record[key]) for record in run.results
-                        if key in record and number(record.get("epoch")) is not None and number(record[key]) is not None}
-            if by_epoch:
-                label = run.name if len(keys) == 1 else f"{run.name}: {key[:-len(ZEROSHOT_SUFFIX)]}"
-                curves.append((label, sorted(by_epoch.items())))
+def plot_curves(curves, path: Path, xlabel: str, ylabel: str, title: str, marker: str = ".") -> bool:
+    """One line per (label, [(x, y), ...]); False (no file) when there is none."""
+    curves = [(label, points) for label, points in curves if points]
     if not curves:
         return False
     figure, axes = new_figure()
     for label, points in curves:
-        axes.plot([e for e, _ in points], [100 * v for _, v in points], marker="o", label=label)
-    axes.set(xlabel="epoch", ylabel="zero-shot top-1 (%)", title="Zero-shot accuracy")
+        axes.plot([x for x, _ in points], [y for _, y in points], marker=marker, label=label)
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
     return True
+
+
+def loss_curve(run: Run, x: str) -> List[Tuple[float, float]]:
+    """(step or cumulative FLOPs, training loss): TensorBoard's train/loss by step when logged,
+    metrics.jsonl otherwise and for FLOPs."""
+    if x == "step" and run.scalars.get("train/loss"):
+        return run.scalars["train/loss"]
+    key = "step" if x == "step" else "train_flops"
+    return [(number(r[key]), number(r["loss"])) for r in run.metrics
+            if number(r.get(key)) is not None and number(r.get("loss")) is not None]
+
+
+def zeroshot_curves(runs: Sequence[Run], keys: Sequence[str], x: str):
+    """(label, [(step or FLOPs at the evaluation, top-1 in %)]) per run and data set."""
+    x_key = "step" if x == "step" else "train_flops"
+    curves = []
+    for run in runs:
+        for key in keys:
+            by_x = {number(r[x_key]): 100 * number(r[key]) for r in run.results
+                    if number(r.get(key)) is not None and number(r.get(x_key)) is not None}
+            label = run.name if len(keys) == 1 else f"{run.name}: {key[:-len(ZEROSHOT_SUFFIX)]}"
+            curves.append((label, sorted(by_x.items())))
+    return curves
+
+
+def plot_training_loss(runs: Sequence[Run], path: Path, x: str = "step") -> bool:
+    return plot_curves([(run.name, loss_curve(run, x)) for run in runs], path,
+                       "optimizer step" if x == "step" else "training FLOPs (cumulative)",
+                       "training loss (mean over ranks)", f"Training loss vs {'step' if x == 'step' else 'FLOPs'}")
+
+
+def plot_zeroshot(runs: Sequence[Run], keys: Sequence[str], path: Path, x: str = "step") -> bool:
+    return plot_curves(zeroshot_curves(runs, keys, x), path,
+                       "optimizer step" if x == "step" else "training FLOPs (cumulative)", "zero-shot top-1 (%)",
+                       f"Zero-shot accuracy vs {'step' if x == 'step' else 'FLOPs'}", marker="o")
 
 
 def plot_hessian_blocks(runs: Sequence[Run], path: Path) -> bool:
@@ -479,23 +541,116 @@ def plot_landscape(runs: Sequence[Run], dims: int, path: Path) -> bool:
 
 def summary_section(runs: Sequence[Run], keys: Sequence[str]) -> List[str]:
     has_val_loss = any(last_result(run, "clip_val_loss") is not None for run in runs)
+    matched = compute_matched(runs)
     header = ["Run", *(f"{key[:-len(ZEROSHOT_SUFFIX)]} zero-shot top-1 (last)" for key in keys),
-              "final training loss", *(["clip val loss (last)"] if has_val_loss else []), "wall time per step (s)"]
+              "final training loss", "loss at the final weights", *(["clip val loss (last)"] if has_val_loss else []),
+              "wall time per step (s)", "training FLOPs", "compute-matched with"]
     rows = []
     for run in runs:
+        flops = train_flops(run)
         rows.append([run.name, *(fmt_percent(last_result(run, key)) for key in keys),
-                     fmt(final_scalar(run, "train/loss")),
+                     fmt(final_loss(run)), fmt(final_weights_loss(run)),
                      *([fmt(last_result(run, "clip_val_loss"))] if has_val_loss else []),
-                     fmt_estimate(step_time(run))])
+                     fmt_estimate(step_time(run)), fmt(flops),
+                     "n/a" if flops is None else ", ".join(matched[run.name]) or "none"])
     if not keys:
         header.insert(1, "zero-shot top-1 (last)")
         for row in rows:
             row.insert(1, "n/a")
     return ["## Summary", "", *table(header, rows),
             "Zero-shot accuracy and losses are single evaluations without error bars; the report does not "
-            "test their differences. The training loss is the loss each optimizer steps on: for NSO and SAM "
-            "the mean loss at the perturbed weights, not the loss at w. Wall time per step: mean over the "
-            "logged windows (the first left out when three or more) ± standard error.", ""]
+            "test their differences between single runs (see Seeds for runs repeated over seeds). The "
+            "training loss is the loss each optimizer steps on: for NSO and SAM the mean loss at the "
+            "perturbed weights, not the loss at w. The loss at the final weights is L(w) of the checkpoint on "
+            "the Hessian's batches (from hessian*.json), the same quantity for every optimizer. Wall time per step: mean over the logged windows (the "
+            "first left out when three or more) ± standard error. Training FLOPs: cumulative at the last "
+            "logged step, measured with torch's FLOP counter (matrix products, convolutions, attention); "
+            f"runs of other settings within {100 * COMPUTE_MATCH:g}% of each other's FLOPs are compute-matched.", ""]
+
+
+def seed_groups(runs: Sequence[Run]) -> List[Tuple[str, List[Run]]]:
+    """(label, runs) per setting: runs whose params.txt differ only in seed, name, logs, resume."""
+    groups = [[runs[i] for i in indices] for indices in group_by_setting([run.params for run in runs])]
+    return [(group_label([run.name for run in group]), group) for group in groups]
+
+
+def seed_quantities(runs: Sequence[Run], keys: Sequence[str]):
+    """(what, percent?, {run name: value}) for the quantities compared across seeds."""
+    quantities = [(f"{key[:-len(ZEROSHOT_SUFFIX)]} zero-shot top-1", True, lambda run, key=key: last_result(run, key))
+                  for key in keys]
+    quantities += [("final training loss", False, final_loss),
+                   ("Hessian trace", False, lambda run: number((run.hessian or {}).get("trace")))]
+    return [(what, percent, {run.name: value(run) for run in runs}) for what, percent, value in quantities]
+
+
+def fmt_seed_estimate(values: Sequence[float], percent: bool) -> str:
+    mean, stderr = mean_and_stderr(values)
+    if mean is None:
+        return "n/a"
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    error = "" if stderr is None else f" ± {scale * stderr:.2g}{unit}"
+    return f"{scale * mean:.4g}{unit}{error} (n={len(values)})"
+
+
+def seeds_section(runs: Sequence[Run], keys: Sequence[str]) -> List[str]:
+    groups = seed_groups(runs)
+    lines = ["## Seeds", "",
+             "Runs that differ only in seed (their params.txt agree but for seed, name, logs and resume) form "
+             "one setting: mean ± standard error across seeds (n = seeds with the value).", ""]
+    if all(len(group) < 2 for _, group in groups):
+        return lines + ["n/a (no two runs differ only in seed)", ""]
+    quantities = seed_quantities(runs, keys)
+    header = ["Setting", "runs", *(what for what, _, _ in quantities), "training FLOPs (mean)"]
+    rows = []
+    for label, group in groups:
+        flops = [f for f in (train_flops(run) for run in group) if f is not None]
+        rows.append([label, ", ".join(run.name for run in group),
+                     *(fmt_seed_estimate([v for v in (values[run.name] for run in group) if v is not None], percent)
+                       for _, percent, values in quantities),
+                     fmt(mean_and_stderr(flops)[0])])
+    lines += table(header, rows)
+    base_label, base = groups[0]
+    lines += ["### Seed-level comparisons", "",
+              f"Each setting against `{base_label}`: difference of the means ± sqrt(se1² + se2²), with the "
+              "standard errors across seeds; significant only when |difference| exceeds the two-sided 95% "
+              "Student-t quantile (Welch-Satterthwaite degrees of freedom, rounded down) times that error: "
+              "4.30 errors with 2 seeds per setting, 2.78 with 3. Settings with fewer than 2 seeds are not "
+              "tested.", ""]
+    if len(groups) < 2:
+        return lines + ["n/a (one setting)", ""]
+    for label, group in groups[1:]:
+        for what, percent, values in quantities:
+            base_values, values = [values[run.name] for run in base], [values[run.name] for run in group]
+            lines.append(f"- {seed_comparison(what, percent, base_label, base_values, label, values)}")
+    return lines + [""]
+
+
+def seed_comparison(what: str, percent: bool, base_label: str, base: Sequence, label: str, other: Sequence) -> str:
+    head = f"{label} vs {base_label} {what} difference:"
+    base, other = [v for v in base if v is not None], [v for v in other if v is not None]
+    if not base or not other:
+        return f"{head} n/a (missing in {base_label if not base else label})"
+    result = welch(base, other)
+    if result is None:
+        return f"{head} n/a (needs two seeds in both; {len(base)} and {len(other)})"
+    scale, unit = (100.0, " points") if percent else (1.0, "")
+    if not result.significant:
+        verdict = "not significant" if result.stderr > 0 else "not tested: no seed-to-seed variation"
+    else:
+        verdict = f"significant: {label} is {'lower' if result.difference < 0 else 'higher'}"
+    return (f"{head} {scale * result.difference:+.3g} ± {scale * result.stderr:.2g}{unit} "
+            f"(threshold {scale * result.threshold:.3g}, {result.degrees_of_freedom:.2g} df; {verdict})")
+
+
+def confound_lines(base: Run, run: Run) -> List[str]:
+    """When two runs end at different losses, the flatter one may just be the less trained one."""
+    base_loss, loss = final_weights_loss(base), final_weights_loss(run)
+    if base_loss is None or loss is None or f"{base_loss:.4g}" == f"{loss:.4g}":
+        return []
+    less, more = (run, base) if loss > base_loss else (base, run)
+    return [f"- loss at the final weights: {run.name} {loss:.4g} vs {base.name} {base_loss:.4g}: {less.name} is also "
+            f"less trained than {more.name}. A less-fitted model can be flatter, so the flatness differences "
+            "above do not separate flatness from fit."]
 
 
 def flatness_section(runs: Sequence[Run]) -> List[str]:
@@ -521,7 +676,9 @@ def flatness_section(runs: Sequence[Run]) -> List[str]:
 def comparison_section(runs: Sequence[Run]) -> List[str]:
     lines = ["## Comparisons", "",
              f"Each run against the baseline `{runs[0].name}`: difference ± combined standard error "
-             f"sqrt(se1² + se2²); significant only when |difference| > {SIGNIFICANCE:g} × combined standard error.", ""]
+             f"sqrt(se1² + se2²); significant only when |difference| > {SIGNIFICANCE:g} × combined standard error. "
+             "These errors are those of each run's own estimates (Hutchinson probes, noise draws), not of the "
+             "seed: a difference between two single runs need not survive a change of seed (see Seeds).", ""]
     if len(runs) < 2:
         return lines + ["n/a (one run)", ""]
     base = runs[0]
@@ -537,15 +694,20 @@ def comparison_section(runs: Sequence[Run]) -> List[str]:
         pairs += [(f"noise stability (σ={s})", base_stability[s], stability[s])
                   for s in sorted(set(base_stability) & set(stability), key=float)]
         lines += [f"- {compare(what, base.name, a, run.name, b)}" for what, a, b in pairs]
+        lines += confound_lines(base, run)
     return lines + ["", "Wall times per step are not compared: runs that took turns on a shared machine saw "
                         "different load; `python -m nsoclip.bench nso` measures the step-time ratio side by side.", ""]
 
 
 def plots_section(output_dir: Path, runs: Sequence[Run], keys: Sequence[str]) -> List[str]:
     plots = [("Training loss vs step", "train_loss.png", lambda p: plot_training_loss(runs, p),
-              "no train/loss scalars"),
-             ("Zero-shot accuracy vs epoch", "zeroshot_accuracy.png", lambda p: plot_zeroshot(runs, keys, p),
+              "no train/loss scalars or metrics.jsonl losses"),
+             ("Training loss vs FLOPs", "train_loss_flops.png", lambda p: plot_training_loss(runs, p, "flops"),
+              "no metrics.jsonl records with train_flops"),
+             ("Zero-shot accuracy vs step", "zeroshot_accuracy.png", lambda p: plot_zeroshot(runs, keys, p),
               "no *-zeroshot-val-top1 results"),
+             ("Zero-shot accuracy vs FLOPs", "zeroshot_accuracy_flops.png",
+              lambda p: plot_zeroshot(runs, keys, p, "flops"), "no *-zeroshot-val-top1 results with train_flops"),
              ("Per-block Hessian trace", "hessian_blocks.png", lambda p: plot_hessian_blocks(runs, p),
               "no per_block traces"),
              ("Hessian eigenvalue density", "hessian_density.png", lambda p: plot_density(runs, p),
@@ -610,7 +772,8 @@ def write_report(run_dirs: Sequence, output_dir, commands=None, settings=None) -
     keys = zeroshot_keys(runs)
     lines = ["# nsoclip comparison report", "",
              *(f"- `{run.name}`: {run.path}" for run in runs), "",
-             *summary_section(runs, keys), *flatness_section(runs), *comparison_section(runs),
+             *summary_section(runs, keys), *seeds_section(runs, keys), *flatness_section(runs),
+             *comparison_section(runs),
              *plots_section(output_dir, runs, keys), *commands_section(commands), *settings_section(settings),
              *run_settings_section(runs)]
     report = output_dir / "report.md"
@@ -628,7 +791,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(command_line(argv))
     try:
         report = write_report(args.run_dirs, args.output)
     except ReportError as error:

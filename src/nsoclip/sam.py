@@ -14,6 +14,9 @@ unscale / clip / skip through `nsoclip.update.apply_update`, one snapshot of w, 
   single-process step on the global batch, at the price of a second all-reduce. Under FSDP2 the
   gradient is reduce-scattered instead, and its norm is summed over the shards (one scalar
   all-reduce); "local" cannot exist there (no rank holds weights of its own) and is refused.
+
+BatchNorm running statistics are updated by the ascent pass (at w) only; the descent pass at
+w + e leaves them as they were (`nsoclip.perturbed`).
 """
 from typing import Optional
 
@@ -30,11 +33,11 @@ RHO = NON_NEGATIVE
 
 class SAM(PerturbedOptimizer):
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, adaptive: bool = False,
-                 ascent: str = "local", ddp_model=None, **base_optimizer_kwargs):
+                 ascent: str = "local", ddp_model=None, model=None, **base_optimizer_kwargs):
         RHO.check("SAM: rho", rho)
         if ascent not in ASCENTS:
             raise ValueError(f"SAM: unknown ascent {ascent!r} (choose from {', '.join(ASCENTS)})")
-        super().__init__(params, base_optimizer, ddp_model, base_optimizer_kwargs)
+        super().__init__(params, base_optimizer, ddp_model, base_optimizer_kwargs, model=model)
         if ascent == "local" and self.layout.sharded:
             raise ValueError("SAM: ascent 'local' needs every rank to hold the whole model (DDP); with sharded "
                              "parameters use ascent='global'")
@@ -66,14 +69,14 @@ class SAM(PerturbedOptimizer):
         params = [p for _, p in self._trainable()]
         self.zero_grad(set_to_none=True)
         rng = capture_rng(self._cuda_devices(params))
-        clean_loss = self._run_pass(closure, sync=self.ascent == "global")
+        clean_loss = self._run_pass(closure, sync=self.ascent == "global", at_w=True)
         weights = [view.tensor for view in self.layout.local_views(params)]
         self._take_snapshot(weights)
         self._ascend(params)
         self.zero_grad(set_to_none=True)
         restore_rng(rng)  # the descent pass sees the dropout masks the ascent was computed for
-        perturbed_loss = self._run_pass(closure, sync=True)
+        perturbed_loss = self._run_pass(closure, sync=True, at_w=False)
         self._restore_snapshot(weights)
         self._stats = {"rho": self.rho, "clean_loss": clean_loss, "perturbed_loss": perturbed_loss}
-        self._apply(grad_scaler, max_grad_norm)
+        self._apply(grad_scaler, max_grad_norm, perturbed=True)
         return perturbed_loss

@@ -22,17 +22,19 @@ def lr_at(step: int, *, base_lr: float, warmup: int, total_steps: int, kind: str
 
 class LRSchedule:
     """Sets every param group's lr for a step; works for AdamW, NSO and SAM alike since
-    they share their base optimizer's param_groups."""
+    they share their base optimizer's param_groups. --skip-scheduler (OpenCLIP's meaning): --lr
+    at every step, no warmup and no decay."""
 
     def __init__(self, optimizer, args, steps_per_epoch: int):
         self.optimizer = optimizer
+        self.skip = args.skip_scheduler
         self.settings = dict(
             base_lr=args.lr, warmup=args.warmup, total_steps=steps_per_epoch * args.epochs,
             kind=args.lr_scheduler, cooldown_steps=steps_per_epoch * (args.epochs_cooldown or 0),
             cooldown_power=args.lr_cooldown_power, cooldown_end_lr=args.lr_cooldown_end)
 
     def __call__(self, step: int) -> float:
-        lr = lr_at(step, **self.settings)
+        lr = self.settings["base_lr"] if self.skip else lr_at(step, **self.settings)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr

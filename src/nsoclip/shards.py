@@ -19,6 +19,9 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from .checks import command_line
+from .cli import run_command
+from .data import separator_hint
 from .errors import NsoclipError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -119,7 +122,8 @@ def csv_rows(csv_file, img_key: str, caption_key: str, separator: str):
         reader = csv.DictReader(handle, delimiter=separator)
         for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
             if key not in (reader.fieldnames or []):
-                raise ShardError(f"{flag} {key!r}: no such column in {csv_file} (columns: {reader.fieldnames})")
+                raise ShardError(f"{flag} {key!r}: no such column in {csv_file} (columns: {reader.fieldnames})"
+                                 f"{separator_hint(reader.fieldnames, separator)}")
         for line, row in enumerate(reader, start=2):
             image = Path(row[img_key])
             if not image.is_file() and not image.is_absolute() and (path.parent / image).is_file():
@@ -170,8 +174,10 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    argv = command_line(argv)
+
+    def body() -> int:
+        args = build_parser().parse_args(argv)
         if args.resize is not None and args.resize < 1:
             raise ShardError(f"--resize {args.resize}: must be >= 1")
         if args.images:
@@ -180,13 +186,15 @@ def main(argv=None) -> int:
             samples = csv_rows(args.csv, args.csv_img_key, args.csv_caption_key, args.csv_separator)
         else:
             samples = image_folder(args.imagefolder, args.template, args.classnames)
-        sizes, skipped = write_shards(samples, args.output, args.maxcount, args.prefix, args.resize)
-    except (ShardError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}"
-          + (f" ({skipped} unreadable images skipped)" if skipped else ""))
-    return 0
+        try:
+            sizes, skipped = write_shards(samples, args.output, args.maxcount, args.prefix, args.resize)
+        except OSError as error:  # an input that vanished or cannot be read, an output that cannot be written
+            raise ShardError(f"{error.filename or args.output}: {error.strerror or error}") from None
+        print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}"
+              + (f" ({skipped} unreadable images skipped)" if skipped else ""))
+        return 0
+
+    return run_command(body, argv)
 
 
 if __name__ == "__main__":

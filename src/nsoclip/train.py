@@ -3,18 +3,20 @@ computes the contrastive loss and its gradient, hand it to the optimizer, agree 
 checkpoint.
 
 The loop does not know how NSO or SAM form their gradient: it only builds the closure and calls
-`take_step`. The closure runs forward and backward at whatever weights the optimizer has set."""
+`take_step`. The closure runs forward and backward at whatever weights the optimizer has set;
+what the optimizer spent is counted from its closure calls (`nsoclip.compute`)."""
 import contextlib
 import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from .checkpoint import Checkpointer
+from .compute import ComputeMeter
 from .distributed import World, all_reduce_mean, all_reduce_sum
 from .errors import NsoclipError
 from .loader import to_device
@@ -27,6 +29,8 @@ from .update import UpdateResult, take_step
 # A GradScaler whose scale fell this low no longer overflows by accident: its skips are real
 # non-finite gradients and count towards --max-nonfinite-steps.
 COLLAPSED_LOSS_SCALE = 1.0
+# Model outputs that are parameters, not one row per sample.
+SCALAR_OUTPUTS = ("logit_scale", "logit_bias")
 
 
 class TrainingError(NsoclipError, RuntimeError):
@@ -46,6 +50,7 @@ class Run:
     schedule: LRSchedule
     checkpoints: Checkpointer
     metrics: MetricsLogger
+    compute: ComputeMeter = field(default_factory=ComputeMeter)
     step: int = 0
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
@@ -54,6 +59,8 @@ class Run:
 
     @property
     def forward_model(self):
+        """What the training step calls (DDP's wrapper, a --torchscript model); checkpoints and
+        evaluation use `model`, whose state_dict has plain open_clip's keys."""
         return self.layout.forward_model
 
 
@@ -91,19 +98,31 @@ def make_closure(run: Run, micro_batches):
     taken over all cached features, so the contrastive loss sees the whole accumulated batch.
     Unlike OpenCLIP, logit_scale carries gradient in one micro-batch only, so the sum of the
     micro-batch gradients is exactly the gradient of the full-batch loss. All micro-batches but
-    the last run under the layout's no_sync (DDP's: gradients are reduced once per step)."""
+    the last run under the layout's no_sync (DDP's: gradients are reduced once per step).
+
+    `closure(backward=False)` is the forward alone, without gradient (each micro-batch once), and
+    returns the same loss: a pass that only updates BatchNorm statistics at w."""
     args, model, loss = run.args, run.forward_model, run.loss
     scaler = run.scaler
 
-    def backward(value):
+    def backpropagate(value):
         (scaler.scale(value) if scaler is not None else value).backward()
 
-    def closure():
+    def forward_only():
+        with torch.no_grad(), autocast(args.precision, run.world.device):
+            outs = [unwrap(model)(images, texts) for images, texts in micro_batches]
+            features = {key: torch.cat([out[key] for out in outs]) for key in ("image_features", "text_features")}
+            extras = {key: outs[-1][key] for key in ("logit_scale", "logit_bias") if outs[-1].get(key) is not None}
+            return loss(**features, **extras)
+
+    def closure(backward: bool = True):
+        if not backward:
+            return forward_only().detach()
         if len(micro_batches) == 1:
             images, texts = micro_batches[0]
             with autocast(args.precision, run.world.device):
                 total = loss(**model(images, texts))
-            backward(total)
+            backpropagate(total)
             return total.detach()
         with torch.no_grad(), autocast(args.precision, run.world.device):
             cached = [run.model(images, texts) for images, texts in micro_batches]
@@ -113,14 +132,16 @@ def make_closure(run: Run, micro_batches):
             with sync:
                 with autocast(args.precision, run.world.device):
                     out = model(images, texts)
+                    # Per-sample outputs (features; CoCa's caption logits and labels) over the
+                    # whole accumulated batch; the scalar parameters once.
                     features = {
                         key: torch.cat([out[key] if m == j else c[key] for m, c in enumerate(cached)])
-                        for key in ("image_features", "text_features")
+                        for key in out if key not in SCALAR_OUTPUTS
                     }
                     extras = {key: (out[key] if j == last else out[key].detach())
-                              for key in ("logit_scale", "logit_bias") if out.get(key) is not None}
+                              for key in SCALAR_OUTPUTS if out.get(key) is not None}
                     total = loss(**features, **extras)
-                backward(total)
+                backpropagate(total)
         return total.detach()
 
     return closure
@@ -135,7 +156,7 @@ def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0) -> bool:
     data.set_position(epoch, start_batch)
     batches = iter(data.dataloader)
     global_batch = args.batch_size * world.world_size * accum
-    window = {"loss": [], "data_time": 0.0, "step_time": 0.0, "steps": 0}
+    window = new_window()
     tick = time.perf_counter()
 
     for step_in_epoch in range(start_batch // accum, steps_per_epoch):
@@ -143,21 +164,26 @@ def train_one_epoch(run: Run, data, epoch: int, start_batch: int = 0) -> bool:
         data_time = time.perf_counter() - tick
         lr = run.schedule(run.step)
 
-        loss, update = take_step(run.optimizer, make_closure(run, micro_batches), run.scaler, args.grad_clip_norm)
+        shapes = tuple((tuple(images.shape), tuple(texts.shape)) for images, texts in micro_batches)
+        closure = run.compute.counting(make_closure(run, micro_batches), shapes, world.world_size)
+        loss, update = take_step(run.optimizer, closure, run.scaler, args.grad_clip_norm)
         with torch.no_grad():
             unwrap(run.model).logit_scale.clamp_(0, math.log(100))
         run.step += 1
+        run.compute.count_samples(global_batch)
         track_nonfinite(run, loss, update)
 
         window["loss"].append(loss)
+        window["stats"].append(getattr(run.optimizer, "step_stats", {}))
         window["data_time"] += data_time
         window["step_time"] += time.perf_counter() - tick
         window["steps"] += 1
+        window["perturbed_steps"] += int(update.perturbed)
         batches_done = (step_in_epoch + 1) * accum
         last = step_in_epoch + 1 == steps_per_epoch
         if run.step % args.log_every_n_steps == 0 or last:
             log_window(run, window, epoch, step_in_epoch + 1, steps_per_epoch, lr, update, global_batch, data)
-            window = {"loss": [], "data_time": 0.0, "step_time": 0.0, "steps": 0}
+            window = new_window()
         if not last and stop_agreed(run):
             run.checkpoints.save_step(run, epoch, batches_done)
             return False
@@ -198,14 +224,35 @@ def track_nonfinite(run: Run, loss: torch.Tensor, update: UpdateResult):
                             "the last good checkpoint is kept")
 
 
+def new_window() -> dict:
+    return {"loss": [], "stats": [], "data_time": 0.0, "step_time": 0.0, "steps": 0, "perturbed_steps": 0}
+
+
+def window_means(window) -> dict:
+    """The loss and every loss the optimizer reports (NSO's perturbed_loss, SAM's clean_loss and
+    perturbed_loss), each averaged over the window's steps and then over all ranks, in one
+    all-reduce (OpenCLIP logs rank 0's last step). Other statistics (sigma, rho) are the last
+    step's, the same on every rank."""
+    per_step = {"loss": window["loss"]}
+    for key, value in window["stats"][-1].items():
+        if isinstance(value, torch.Tensor):
+            per_step[key] = [stats[key] for stats in window["stats"]]
+    means = torch.stack([torch.stack(values).float().mean() for values in per_step.values()])
+    averaged = dict(zip(per_step, all_reduce_mean(means).tolist()))
+    last = {key: float(value) for key, value in window["stats"][-1].items() if key not in averaged}
+    return {"loss": averaged.pop("loss"), **last, **averaged}
+
+
 def log_window(run: Run, window, epoch, step_in_epoch, steps_per_epoch, lr, update, global_batch, data):
-    """Log the loss averaged over the window and over all ranks (OpenCLIP logs rank 0's only)."""
+    """Log the window's metrics: losses averaged over its steps and all ranks (window_means; OpenCLIP
+    logs rank 0's only), times averaged over its steps, grad_norm of its last step (identical on
+    every rank), how many of the window's steps were perturbed (NSO, SAM) and the cumulative compute."""
     world = run.world
-    loss = all_reduce_mean(torch.stack(window["loss"]).float().mean().reshape(1)).item()
+    losses = window_means(window)
     steps = window["steps"]
     step_time = window["step_time"] / steps
     metrics = {
-        "loss": loss,
+        "loss": losses.pop("loss"),
         "lr": lr,
         "scale": full_tensor(unwrap(run.model).logit_scale).exp().item(),
         "grad_norm": update.grad_norm.item(),
@@ -214,10 +261,13 @@ def log_window(run: Run, window, epoch, step_in_epoch, steps_per_epoch, lr, upda
         "samples_per_second": global_batch / step_time,
         "samples_per_second_per_gpu": global_batch / step_time / world.world_size,
         "nonfinite_steps": run.nonfinite_total,
+        "window_steps": steps,
+        "perturbed_steps": window["perturbed_steps"],
+        **run.compute.totals(),
     }
     if run.scaler is not None:
         metrics["fp16_overflow_steps"] = run.overflow_total
-    metrics.update(getattr(run.optimizer, "last_stats", None) or {})
+    metrics.update(losses)
     if data.bad_sample_counts is not None:
         metrics.update({f"bad_samples/{k}": v for k, v in data.bad_sample_counts().items()})
     run.metrics.log_train(metrics, step=run.step, epoch=epoch, progress=(step_in_epoch, steps_per_epoch))

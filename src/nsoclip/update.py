@@ -12,6 +12,7 @@ class UpdateResult:
     grad_norm: torch.Tensor
     applied: bool
     loss_scale: Optional[float] = None  # the fp16 GradScaler's scale this step was taken with
+    perturbed: bool = False  # the gradient came from passes at perturbed weights (NSO, SAM)
 
 
 def apply_update(optimizer: torch.optim.Optimizer, grad_scaler=None,

@@ -418,6 +418,35 @@ def val_batch_count(sizes, urls, batch_size, rank, world_size, workers) -> int:
     return sum(math.ceil(count / batch_size) for count in per_worker)
 
 
+def fit_to_reader(args, world, num_batches: int) -> None:
+    """Settings on `args` for a reader of only the first `num_batches` batches per rank (the
+    Hessian evaluator): without an epoch size (no --train/val-num-samples, no sizes.json) the
+    epoch is those batches, and a rank gets no more dataloader workers than it has shards (with
+    fewer shards than ranks, shards are drawn with replacement). Which samples come first does
+    not depend on the epoch size; other data sources need nothing."""
+    needed = num_batches * args.batch_size * world.world_size
+    for path, count in (("train_data", "train_num_samples"), ("val_data", "val_num_samples")):
+        spec = getattr(args, path)
+        if not spec or args.dataset_type not in ("webdataset", "auto") or ".tar" not in spec.split("::")[0]:
+            continue
+        sources = expand_sources(spec, f"--{path.replace('_', '-')}")
+        if getattr(args, count) is None:
+            try:
+                dataset_size(sources, f"--{count.replace('_', '-')}")
+            except WebDatasetError:
+                setattr(args, count, needed)
+                log.info("--%s: reading %d batches per rank, an epoch of %d samples", count.replace("_", "-"),
+                         num_batches, needed)
+        if path == "train_data" and not args.dataset_resampled:
+            shards_per_rank = sum(len(urls) for urls in sources) // world.world_size
+            if shards_per_rank == 0:
+                args.dataset_resampled = True
+                log.info("--train-data: fewer shards than ranks, shards drawn with replacement")
+            elif args.workers > shards_per_rank:
+                log.info("--workers %d: %d per rank, one per shard of this rank", args.workers, shards_per_rank)
+                args.workers = shards_per_rank
+
+
 def get_wds_dataset(args, preprocess, tokenizer, *, is_train: bool, epoch: int, world) -> DataInfo:
     """The training (or validation) stream of this rank over --train-data (or --val-data)."""
     flag = "--train-data" if is_train else "--val-data"

@@ -6,13 +6,18 @@ import logging
 import os
 import sys
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .checks import command_line
 from .classification import zero_shot_sets
 from .cli import run_command
 from .data import get_data
 from .distributed import init_distributed
 from .evaluate import evaluate
+from .logger import setup_console_logging
 from .model import create_model_and_transforms
-from .params import Parser, UsageError, add_data_args, add_distributed_args, add_eval_args, add_model_args
+from .params import (Parser, UsageError, add_data_args, add_distributed_args, add_eval_args, add_model_args,
+                     resolve_precision)
 from .rng import seed_everything
 
 
@@ -29,7 +34,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(command_line(argv))
+    resolve_precision(args)
     if args.train_data or args.dataset_type == "synthetic":
         raise UsageError("nsoclip-zeroshot does not train: --train-data and --dataset-type synthetic "
                          "have no meaning here (use --val-data for retrieval)")
@@ -69,15 +75,15 @@ def write_json(metrics: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = command_line(argv)
 
     def body() -> int:
         args = parse_args(argv)
         world = init_distributed(args.device, args.dist_backend, args.dist_url, args.dist_timeout,
                                  set_device_rank=not args.no_set_device_rank)
-        logging.basicConfig(level=logging.INFO if world.is_master else logging.WARNING, force=True,
-                            format="%(asctime)s | %(levelname)s | %(message)s", datefmt="%Y-%m-%d,%H:%M:%S")
-        run(args, world)
+        setup_console_logging(world.is_master)
+        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+            run(args, world)
         return 0
 
     return run_command(body, argv)

@@ -2,11 +2,13 @@
 import importlib
 import sys
 
+from ..checks import command_line
+
 BENCHMARKS = ("train", "nso", "data", "hessian", "fsdp")
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = command_line(argv)
     if not argv or argv[0] not in BENCHMARKS:
         print(f"usage: python -m nsoclip.bench {{{','.join(BENCHMARKS)}}} [flags]", file=sys.stderr)
         return 2

@@ -13,8 +13,10 @@
    Cases: `--model` at each of `--batch-sizes` (a tiny ViT whose 49,408-token embedding is 92% of
    its parameters but almost none of its compute), and `--compute-model` (bench-vit of
    `bench nso`), whose gradient, like a real CLIP's, dwarfs parameter-sized work.
+   `--device cuda` times the products on the GPU (fp32: the evaluator turns TF32 off).
 2. Relative error of the trace estimate versus the number of HVPs, Hutchinson and Hutch++, on
-   the micro CLIP whose exact Hessian (torch.autograd.functional.hessian) gives the true trace.
+   the micro CLIP whose exact Hessian (torch.autograd.functional.hessian) gives the true trace,
+   on the CPU (`--skip accuracy` or `--hvp-counts ''` skips it).
 3. Per-rank memory of Lanczos with `--memory-max-iter` (100) iterations at 2 gloo ranks, the
    basis replicated (every rank the full vectors, products all-reduced: the layout before the
    sharded basis) against sharded (each rank 1/R, products gathered and reduce-scattered), each
@@ -54,7 +56,7 @@ from ..loss import contrastive_loss_fn
 from ..model import resolve_model_name
 from ..parallel import ShardingOptions, local_tensor, shard
 from ..spectral import CHUNK, HUTCHINSON_BLOCK, Space, hutchinson, hutchpp, lanczos
-from .nso import model_spec
+from .nso import model_spec, synchronize
 
 CONFIGS = Path(__file__).resolve().parents[3] / "tests" / "configs"
 TARGETS = {"exact_hvp_block": 3.0, "finite_difference_hvp": 2.1}
@@ -72,9 +74,10 @@ def parse_args(argv):
     parser.add_argument("--block-size", type=int, default=HUTCHINSON_BLOCK,
                         help="Products per block, as --hessian-block-size.")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="Device of the HVP cost (cpu or cuda).")
     parser.add_argument("--exact-model", default=str(CONFIGS / "micro-vit.json"),
                         help="Model small enough for the exact Hessian (trace accuracy).")
-    parser.add_argument("--hvp-counts", default="6,12,24,48,96")
+    parser.add_argument("--hvp-counts", default="6,12,24,48,96", help="HVP budgets of the trace accuracy ('': skip).")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--memory-max-iter", type=int, default=100, help="Lanczos iterations m of the memory case.")
     parser.add_argument("--memory-batch-size", type=int, default=8, help="Global batch of the memory case.")
@@ -97,23 +100,26 @@ def random_batch(model, batch_size: int, generator: torch.Generator):
     return images, texts
 
 
-def timed(call) -> float:
+def timed(call, device=torch.device("cpu")) -> float:
+    synchronize(device)
     start = time.perf_counter()
     call()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def hvp_cost(model_name: str, batch_size: int, rounds: int, block_size: int) -> dict:
+def hvp_cost(model_name: str, batch_size: int, rounds: int, block_size: int, device=torch.device("cpu")) -> dict:
     torch.manual_seed(0)
-    model = open_clip.create_model(resolve_model_name(model_name), output_dict=True)
-    batch = random_batch(model, batch_size, torch.Generator().manual_seed(1))
+    model = open_clip.create_model(resolve_model_name(model_name), output_dict=True).to(device)
+    batch = tuple(t.to(device) for t in random_batch(model, batch_size, torch.Generator().manual_seed(1)))
     loss_fn = contrastive_loss_fn(open_clip.ClipLoss())
 
     def objective(hvp: str) -> Objective:
         return Objective(model, loss_fn, [batch], hvp=hvp).__enter__()
 
     kept, finite_difference = objective("exact"), objective("finite_difference")
-    vectors = torch.randint(0, 2, (block_size, kept.dim), generator=torch.Generator().manual_seed(2)).float() * 2 - 1
+    vectors = (torch.randint(0, 2, (block_size, kept.dim), generator=torch.Generator().manual_seed(2)).float() * 2 - 1
+               ).to(device)
     calls = {"gradient": kept.local_gradient,
              "exact_hvp_block": lambda: objective("exact").products(vectors),
              "exact_hvp_kept_graph": lambda: kept.hvp(vectors[0]),
@@ -126,13 +132,14 @@ def hvp_cost(model_name: str, batch_size: int, rounds: int, block_size: int) -> 
     names = list(calls)
     for round_index in range(rounds):  # each round starts at the next arm, so none always follows the same one
         for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-            times[name].append(timed(calls[name]) / products_per_call.get(name, 1))
+            times[name].append(timed(calls[name], device) / products_per_call.get(name, 1))
     kept.__exit__(None, None, None)
     finite_difference.__exit__(None, None, None)
     products = [name for name in calls if name != "gradient"]
     median_ratio = {name: statistics.median(t / g for t, g in zip(times[name], times["gradient"])) for name in products}
     best_ratio = {name: min(times[name]) / min(times["gradient"]) for name in products}
     return {"model": model_name, "num_params": kept.dim, "batch_size": batch_size, "rounds": rounds,
+            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "block_size": block_size,
             "median_seconds": {name: statistics.median(t) for name, t in times.items()},
             "hvp_over_gradient_median_of_rounds": median_ratio, "hvp_over_gradient_min_times": best_ratio,
@@ -343,15 +350,17 @@ def main(argv) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    result = {"threads": args.threads}
+    device = torch.device(args.device)
+    result = {"threads": args.threads, "torch": torch.__version__}
     if "cost" not in skip:
-        costs = [hvp_cost(args.model, int(size), args.rounds, args.block_size) for size in args.batch_sizes.split(",")]
-        if args.compute_model:
-            with tempfile.TemporaryDirectory() as directory:
+        with tempfile.TemporaryDirectory() as directory:
+            costs = [hvp_cost(model_spec(args.model, directory), int(size), args.rounds, args.block_size, device)
+                     for size in args.batch_sizes.split(",")]
+            if args.compute_model:
                 costs.append(hvp_cost(model_spec(args.compute_model, directory), args.compute_batch_size,
-                                      args.compute_rounds, args.block_size))
+                                      args.compute_rounds, args.block_size, device))
         result["hvp_cost"] = costs
-    if "accuracy" not in skip:
+    if "accuracy" not in skip and args.hvp_counts:
         result["trace_accuracy"] = trace_accuracy(args)
     if "memory" not in skip:
         result["lanczos_memory"] = lanczos_memory(args)

@@ -8,6 +8,9 @@
   draw alone timed beside it;
 - extra memory beyond AdamW in parameter copies: the bytes of every tensor NSO (or SAM) holds
   outside the base optimizer's state, over the parameter bytes; on CUDA also the peak;
+- model FLOP utilisation of the AdamW step: the forward + backward FLOPs that torch's
+  FlopCounterMode counts (matmuls, convolutions, attention), over the median AdamW step time,
+  over the matmul rate measured here at the compute dtype (bf16 under amp_bf16);
 - gradient all-reduces per step under 2-rank gloo DDP, counted with a DDP comm hook, for NSO,
   SAM local/global ascent and plain AdamW.
 """
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..launch import spawn_local_ranks
 from ..model import resolve_model_name
@@ -162,6 +166,42 @@ def peak_step_memory(arm) -> int:
     return torch.cuda.max_memory_allocated(arm.device)
 
 
+def step_flops(arm) -> int:
+    """FLOPs of one forward + backward of the arm's closure, as FlopCounterMode counts them."""
+    counter = FlopCounterMode(display=False)
+    arm.model.zero_grad(set_to_none=True)
+    with counter:
+        arm.closure()
+    return counter.get_total_flops()
+
+
+COMPUTE_DTYPES = {"amp_bf16": torch.bfloat16, "amp": torch.float16, "fp32": torch.float32}
+
+
+def matmul_rate(device, dtype, size: int, repeats: int) -> float:
+    """FLOP/s of a size^3 matrix product on random data, median of repeats after a warm-up."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator, device=device, dtype=dtype) for _ in range(2))
+    seconds = []
+    for repeat in range(repeats + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        if repeat >= 2:
+            seconds.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(seconds)
+
+
+def model_flop_utilisation(arm, step_seconds: float, precision: str, device) -> dict:
+    dtype = COMPUTE_DTYPES[precision]
+    size, repeats = (8192, 20) if device.type == "cuda" else (1024, 5)
+    rate = matmul_rate(device, dtype, size, repeats)
+    flops = step_flops(arm)
+    return {"flops_per_step": flops, "matmul_flops_per_s": rate, "matmul_size": size, "matmul_dtype": str(dtype),
+            "achieved_flops_per_s": flops / step_seconds, "mfu": flops / step_seconds / rate}
+
+
 def timing(args, spec: str, device) -> dict:
     name = resolve_model_name(spec)
     torch.manual_seed(0)
@@ -214,6 +254,7 @@ def timing(args, spec: str, device) -> dict:
     if device.type == "cuda":
         param_bytes = sum(p.numel() * p.element_size() for p in nso_params)
         result["extra_peak_param_copies_nso"] = (peak_step_memory(arms[1]) - peak_step_memory(arms[0])) / param_bytes
+    result["mfu_adamw"] = model_flop_utilisation(arms[0], result["median_step_s"]["adamw"], args.precision, device)
     return result
 
 

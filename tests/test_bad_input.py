@@ -209,6 +209,17 @@ HESSIAN_CASES = {
     "resume-corrupt": (["--resume", "{files}/corrupt.pt"], "corrupt.pt: corrupt or truncated"),
     "resume-pickled-code": (["--resume", "{files}/code.pt"], "code.pt: refused"),
     "reference-other-model": (["--reference-checkpoint", "{files}/micro.pt"], "--reference-checkpoint lacks"),
+    "bottom-k-above-iterations": (["--hessian-bottom-k", "5", "--hessian-max-iter", "2"],
+                                  "--hessian-max-iter 2: must be >= --hessian-bottom-k"),
+    "target-stderr-zero": (["--hessian-target-rel-stderr", "0"], "--hessian-target-rel-stderr 0.0: must be > 0"),
+    "target-stderr-hutchpp": (["--hessian-target-rel-stderr", "0.1", "--hessian-method", "hutchpp"],
+                              "only --hessian-method hutchinson stops at a precision"),
+    "density-no-steps": (["--hessian-density-steps", "0"], "--hessian-density-steps 0: must be >= 1"),
+    "nothing-to-save": (["--hessian-save-eigenvectors", "{files}/eig.pt"], "no eigenvectors to save"),
+    "landscape-3d": (["--landscape", "3d"], "invalid choice: '3d'"),
+    "landscape-one-point": (["--landscape", "1d", "--landscape-points", "1"], "--landscape-points 1: must be >= 2"),
+    "landscape-eigen-without-eigenvectors": (["--landscape", "2d", "--landscape-directions", "eigen",
+                                              "--hessian-top-k", "1"], "needs --hessian-top-k >= 2"),
 }
 
 

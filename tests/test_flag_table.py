@@ -122,6 +122,9 @@ RUNS = {
                 "--hessian-method", "hutchpp", "--hessian-hvp", "finite_difference", "--hessian-top-k", "1",
                 "--hessian-params", "visual", "--hessian-max-iter", "4", "--hessian-block-size", "2",
                 "--opt", "nso", "--nso-two-point"],
+    "hessian-precision": ["--hessian-frequency", "1", "--hessian-num-batches", "1", "--hessian-probes", "32",
+                          "--hessian-target-rel-stderr", "1000", "--hessian-top-k", "0", "--hessian-bottom-k", "1",
+                          "--hessian-max-iter", "4", "--hessian-hvp", "finite_difference"],
 }
 
 
@@ -282,6 +285,10 @@ T: Dict[str, Tuple[str, Callable[[Done, Callable[[str], Done]], bool]]] = {
     "--hessian-top-k": ("hessian", lambda d, r: "hessian/top_eigenvalue" in d.results[-1]),
     "--hessian-params": ("hessian", lambda d, r: "hessian/trace_text" not in d.results[-1]
                          and "hessian/trace_visual" in d.results[-1]),
+    # a loose target stops at the first block past 16 probes, of the 32 allowed
+    "--hessian-target-rel-stderr": ("hessian-precision", lambda d, r: d.results[-1]["hessian/trace_num_hvps"] < 32),
+    "--hessian-bottom-k": ("hessian-precision", lambda d, r: "hessian/bottom_eigenvalue" in d.results[-1]
+                           and "hessian/top_eigenvalue" not in d.results[-1]),
     "--hessian-max-iter": ("hessian", lambda d, r: d.params["hessian_max_iter"] == "4"),
     "--hessian-block-size": ("hessian", lambda d, r: d.params["hessian_block_size"] == "2"),
 }

@@ -21,6 +21,10 @@ ADAMW_HESSIAN = {  # as `nsoclip.hessian --hessian-output` writes it
     "per_tower": {"visual": 60.0, "text": 55.0, "other": 5.0},
     "per_tower_stderr": {"visual": 2.0, "text": 2.5, "other": 0.5},
     "top_eigenvalues": [33.5, 20.0],
+    "bottom_eigenvalues": [-4.0, -1.5],
+    "density": {"ritz_values": [[-4.0, 33.5]], "weights": [[0.5, 0.5]], "grid": [-5.0, 0.0, 15.0, 35.0],
+                "density": [0.01, 0.2, 0.0, 0.05]},
+    "landscape": {"dims": 1, "directions": "random", "coordinates": [-1.0, 0.0, 1.0], "loss": [3.0, 2.0, 3.5]},
     "noise_stability": [{"sigma": 0.01, "mean": 0.5, "stderr": 0.1, "num_draws": 8},
                         {"sigma": 0.02, "mean": 2.0, "stderr": 0.2, "num_draws": 8}],
     "settings": {"model": "tiny", "global_batch_size": 16},
@@ -30,6 +34,9 @@ NSO_HESSIAN = {  # the brief's layout: noise stability keyed by sigma, towers to
     "per_block": {"visual.blocks.0": 20.0, "visual.blocks.1": 25.0, "visual.other": 5.0,
                   "text.blocks.0": 35.0, "text.other": 10.0, "other": 5.0},
     "top_eigenvalues": [30.25],
+    "density": {"grid": [-5.0, 0.0, 15.0, 35.0], "density": [0.02, 0.1, 0.01, 0.03]},
+    "landscape": {"dims": 2, "directions": "eigen", "coordinates": [-1.0, 0.0, 1.0],
+                  "loss": [[4.0, 3.0, 4.5], [3.0, 2.0, 3.5], [5.0, 4.0, 5.5]]},
     "noise_stability": {"0.01": {"mean": 0.45, "stderr": 0.1}, "0.02": {"mean": 1.2, "stderr": 0.2}},
 }
 
@@ -109,6 +116,7 @@ def test_flatness_table_shows_what_was_measured(report):
         "120 ± 3", "60 ± 2", "55 ± 2.5", "5 ± 0.5")
     assert (adamw["top eigenvalue"], adamw["noise stability σ=0.01"], adamw["noise stability σ=0.02"]) == (
         "33.5", "0.5 ± 0.1", "2 ± 0.2")
+    assert adamw["smallest eigenvalue"] == "-4" and nso["smallest eigenvalue"] == "n/a"
     assert adamw["source"] == "hessian-epoch_2.json"  # the JSON, not the training-time trace in results.jsonl
     # Towers summed from the blocks by name prefix, without an error bar.
     assert (nso["Hessian trace"], nso["visual trace"], nso["text trace"], nso["other trace"]) == (
@@ -143,7 +151,8 @@ def test_compare_rule(base, other, verdict):
 
 def test_plots_are_valid_pngs(report):
     path, markdown = report
-    for name in ("train_loss.png", "zeroshot_accuracy.png", "hessian_blocks.png"):
+    for name in ("train_loss.png", "zeroshot_accuracy.png", "hessian_blocks.png", "hessian_density.png",
+                 "landscape_1d.png", "landscape_2d.png"):
         assert f"]({name})" in markdown
         with Image.open(path.parent / name) as image:
             assert image.format == "PNG" and image.width > 100 and image.height > 100
@@ -171,6 +180,8 @@ def test_cli_prints_the_report_path_last_and_handles_missing_plots(tmp_path):
     markdown = report.read_text()
     assert table_rows(markdown, "Flatness")["run"]["Hessian trace"] == "7 ± n/a"
     assert "Training loss vs step: n/a (no train/loss scalars or metrics.jsonl losses in any run)" in markdown
+    assert "Hessian eigenvalue density: n/a (no density in any run)" in markdown
+    assert "Loss landscape, 2d: n/a (no 2d landscape in any run)" in markdown
     assert "Comparisons" in markdown and "n/a (one run)" in markdown
     assert not (tmp_path / "out" / "train_loss.png").exists()
 

@@ -170,6 +170,29 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+# torch 2.14 renamed the single-tensor collectives (the old names warn); 2.11 has only the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_into(output: torch.Tensor, piece: torch.Tensor) -> torch.Tensor:
+    """Every rank's `piece` (same size everywhere) concatenated in rank order into `output`."""
+    if is_distributed():
+        _all_gather_single(output, piece)
+    else:
+        output.copy_(piece.reshape(output.shape))
+    return output
+
+
+def reduce_scatter_sum(output: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Rank r's `output` becomes the r-th of world-size equal chunks of the sum of `values` over ranks."""
+    if is_distributed():
+        _reduce_scatter_single(output, values)
+    else:
+        output.copy_(values.reshape(output.shape))
+    return output
+
+
 def all_gather_rows(rows: torch.Tensor):
     """(every rank's rows concatenated in rank order, each rank's row count). Ranks may hold
     different numbers of rows, or none: an empty rank may pass a 0 x 0 tensor, the width is

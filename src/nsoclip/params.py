@@ -189,13 +189,19 @@ def add_hessian_args(parser):
                        help="Trace estimator.")
     group.add_argument("--hessian-hvp", choices=curvature.HVPS, default="exact",
                        help="Hessian-vector products by double backward or central differences.")
-    group.add_argument("--hessian-top-k", type=NON_NEGATIVE_INT.flag(), default=1, help="Top eigenvalues to compute (0: none).")
+    group.add_argument("--hessian-top-k", type=curvature.NUM_EIGENVALUES.flag(), default=1,
+                       help="Top eigenvalues to compute (0: none).")
+    group.add_argument("--hessian-bottom-k", type=curvature.NUM_EIGENVALUES.flag(), default=0,
+                       help="Smallest eigenvalues to compute, where negative curvature shows (0: none).")
     group.add_argument("--hessian-params", type=str, default=None,
                        help="Comma-separated substrings; only parameters whose name contains one are included.")
     group.add_argument("--hessian-max-iter", type=POSITIVE_INT.flag(), default=100, help="Lanczos iterations for eigenvalues.")
     group.add_argument("--hessian-block-size", type=curvature.BLOCK_SIZE.flag(), default=HUTCHINSON_BLOCK,
                        help="Hutchinson probes multiplied together, sharing each batch's graph (exact HVPs); "
                             "costs 2 x this many parameter-sized vectors of memory.")
+    group.add_argument("--hessian-target-rel-stderr", type=curvature.TARGET_REL_STDERR.flag(), default=None,
+                       help="Stop Hutchinson once the trace's relative standard error is at most this "
+                            "(--hessian-probes caps the products).")
 
 
 def add_training_args(parser):
@@ -480,9 +486,12 @@ def validate_sharding(args):
     if args.opt == "sam" and args.sam_ascent == "local":
         raise UsageError("--sam-ascent local needs every rank to hold the whole model: with --fsdp use "
                          "--sam-ascent global")
-    if args.hessian_frequency:
-        raise UsageError("--hessian-frequency with --fsdp: the Hessian evaluator needs whole parameters; run "
-                         "nsoclip.hessian on an epoch checkpoint instead")
+    if args.hessian_frequency and (args.hessian_hvp != "finite_difference" or args.precision != "fp32"
+                                   or args.fsdp_offload_cpu):
+        raise UsageError("--hessian-frequency with --fsdp needs --hessian-hvp finite_difference, --precision fp32 "
+                         "and no --fsdp-offload-cpu: exact products (double backward) cannot run on an FSDP2 model, "
+                         "bf16 all-gathers would round away the finite-difference step, and offloaded shards "
+                         "live on another device than the batches")
     if args.torchscript:
         raise UsageError("--torchscript with --fsdp: fully_shard's hooks are not scriptable (drop --torchscript)")
     if args.use_bn_sync:
@@ -494,6 +503,11 @@ def validate_hessian(args):
     """The cross-flag rule of the --hessian-* flags, shared by training and nsoclip-hessian."""
     if args.hessian_top_k > args.hessian_max_iter:
         raise UsageError(f"--hessian-max-iter {args.hessian_max_iter}: must be >= --hessian-top-k")
+    if args.hessian_bottom_k > args.hessian_max_iter:
+        raise UsageError(f"--hessian-max-iter {args.hessian_max_iter}: must be >= --hessian-bottom-k")
+    if args.hessian_target_rel_stderr is not None and args.hessian_method != "hutchinson":
+        raise UsageError(f"--hessian-target-rel-stderr: only --hessian-method hutchinson stops at a precision, "
+                         f"not {args.hessian_method}")
 
 
 def validate_compile(args):

@@ -1,10 +1,12 @@
 """Comparison report over run folders: `python -m nsoclip.report RUN_DIR [RUN_DIR ...] --output DIR`.
 
 Reads each run's results.jsonl, metrics.jsonl, zeroshot*.json, TensorBoard scalars, hessian*.json and
-params.txt; writes report.md (tables, commands, settings) with PNG plots. Every number that has a
-standard error is shown with it, and a difference between two runs is called significant only
-when it exceeds two combined standard errors, sqrt(se1^2 + se2^2): the report never names a
-winner the error bars do not support. The first run is the baseline the others are compared to.
+params.txt; writes report.md (tables, commands, settings) with PNG plots, among them the Hessian's
+eigenvalue density (runs overlaid) and loss landscapes (runs side by side). It reads JSON only: no
+torch at import. Every number that has a standard error is shown with it, and a difference between
+two runs is called significant only when it exceeds two combined standard errors,
+sqrt(se1^2 + se2^2): the report never names a winner the error bars do not support. The first run
+is the baseline the others are compared to.
 
 Runs that differ only in their seed are grouped (`nsoclip.seeds`): accuracy, loss and Hessian
 trace as mean +- standard error across seeds, and differences between settings tested at the
@@ -301,10 +303,46 @@ def final_weights_loss(run: Run) -> Optional[float]:
     return None
 
 
-def top_eigenvalue(hessian: dict) -> Optional[float]:
-    raw = hessian.get("top_eigenvalues")
+def extreme_eigenvalue(hessian: dict, key: str = "top_eigenvalues") -> Optional[float]:
+    """The largest of `top_eigenvalues`, or the smallest of `bottom_eigenvalues`."""
+    raw = hessian.get(key)
     eigenvalues = [number(v) for v in (raw if isinstance(raw, list) else [raw]) if number(v) is not None]
-    return max(eigenvalues) if eigenvalues else None
+    if not eigenvalues:
+        return None
+    return min(eigenvalues) if key == "bottom_eigenvalues" else max(eigenvalues)
+
+
+def numbers(values) -> Optional[List[float]]:
+    """A non-empty list of finite numbers, else None."""
+    if not isinstance(values, list) or not values:
+        return None
+    converted = [number(v) for v in values]
+    return None if any(v is None for v in converted) else converted
+
+
+def density_curve(hessian: dict) -> Optional[Tuple[List[float], List[float]]]:
+    """(grid, density) of the SLQ density (`nsoclip.hessian --hessian-density`), if any."""
+    density = hessian.get("density")
+    if not isinstance(density, dict):
+        return None
+    grid, values = numbers(density.get("grid")), numbers(density.get("density"))
+    return (grid, values) if grid and values and len(grid) == len(values) else None
+
+
+def landscape_grid(hessian: dict, dims: int) -> Optional[dict]:
+    """The `landscape` of a Hessian report when it is `dims`-dimensional and well formed."""
+    landscape = hessian.get("landscape")
+    if not isinstance(landscape, dict) or landscape.get("dims") != dims:
+        return None
+    coordinates = numbers(landscape.get("coordinates"))
+    loss = landscape.get("loss")
+    rows = [numbers(loss)] if dims == 1 else (loss if isinstance(loss, list) else [])
+    rows = [numbers(row) for row in rows]
+    if not coordinates or len(rows) != (1 if dims == 1 else len(coordinates)) \
+            or any(row is None or len(row) != len(coordinates) for row in rows):
+        return None
+    return {"coordinates": coordinates, "loss": rows[0] if dims == 1 else rows,
+            "directions": str(landscape.get("directions", "?"))}
 
 
 def compare(what: str, baseline: str, base: Estimate, name: str, other: Estimate) -> str:
@@ -441,6 +479,63 @@ def plot_hessian_blocks(runs: Sequence[Run], path: Path) -> bool:
     return True
 
 
+def plot_density(runs: Sequence[Run], path: Path) -> bool:
+    curves = [(run.name, density_curve(run.hessian)) for run in runs if run.hessian]
+    curves = [(name, curve) for name, curve in curves if curve]
+    if not curves:
+        return False
+    figure, axes = new_figure()
+    for name, (grid, values) in curves:
+        axes.plot(grid, values, label=name)
+    peak = max(max(values) for _, (_, values) in curves)
+    axes.set_yscale("log")
+    # The broadened density falls to zero between and beyond the Ritz values: show six decades.
+    axes.set_ylim(bottom=peak * 1e-6, top=peak * 2)
+    axes.set(xlabel="Hessian eigenvalue", ylabel="density (log scale)",
+             title="Hessian eigenvalue density (stochastic Lanczos quadrature)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
+DIRECTION_LABELS = {"eigen": "along the top eigenvector{s} (parameter units)",
+                    "random": "along filter-normalised random direction{s}"}
+
+
+def plot_landscape(runs: Sequence[Run], dims: int, path: Path) -> bool:
+    """One panel per run, side by side on shared axes: loss curves (1d) or contours at shared
+    levels (2d), so the panels compare directly."""
+    panels = [(run.name, landscape_grid(run.hessian, dims)) for run in runs if run.hessian]
+    panels = [(name, grid) for name, grid in panels if grid]
+    if not panels:
+        return False
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(4.2 * len(panels) + 0.8, 4.0), dpi=100)
+    grid_axes = figure.subplots(1, len(panels), sharex=True, sharey=True, squeeze=False)[0]
+    losses = [v for _, grid in panels for v in (grid["loss"] if dims == 1 else sum(grid["loss"], []))]
+    levels = [min(losses) + (max(losses) - min(losses)) * i / 14 for i in range(15)] if max(losses) > min(losses) \
+        else None
+    for axes, (name, grid) in zip(grid_axes, panels):
+        where = DIRECTION_LABELS.get(grid["directions"], "{s}").format(s="" if dims == 1 else "s")
+        if dims == 1:
+            axes.plot(grid["coordinates"], grid["loss"], marker=".")
+            axes.set(xlabel=f"step {where}", ylabel="training loss")
+            axes.grid(alpha=0.3)
+        else:
+            columns = [list(column) for column in zip(*grid["loss"])]  # rows over y for contour()
+            drawn = axes.contour(grid["coordinates"], grid["coordinates"], columns, levels=levels)
+            axes.clabel(drawn, fontsize=7)
+            axes.plot([0.0], [0.0], "k+", markersize=10)  # w itself
+            axes.set(xlabel=f"x {where}", ylabel="y")
+        axes.set_title(name)
+    figure.suptitle(f"Training loss {'on a line' if dims == 1 else 'on a plane'} through w")
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # The report
 
@@ -561,7 +656,7 @@ def confound_lines(base: Run, run: Run) -> List[str]:
 def flatness_section(runs: Sequence[Run]) -> List[str]:
     sigmas = sorted({s for run in runs if run.hessian for s in noise_stability(run.hessian)}, key=float)
     header = ["Run", "Hessian trace", *(f"{tower} trace" for tower in TOWERS), "top eigenvalue",
-              *(f"noise stability σ={s}" for s in sigmas), "source"]
+              "smallest eigenvalue", *(f"noise stability σ={s}" for s in sigmas), "source"]
     rows = []
     for run in runs:
         hessian = run.hessian or {}
@@ -569,7 +664,7 @@ def flatness_section(runs: Sequence[Run]) -> List[str]:
         stability = noise_stability(hessian)
         rows.append([run.name, fmt_estimate(Estimate(number(hessian.get("trace")), number(hessian.get("stderr")))),
                      *(fmt_estimate(towers.get(tower, Estimate(None))) for tower in TOWERS),
-                     fmt(top_eigenvalue(hessian)),
+                     fmt(extreme_eigenvalue(hessian)), fmt(extreme_eigenvalue(hessian, "bottom_eigenvalues")),
                      *(fmt_estimate(stability.get(s, Estimate(None))) for s in sigmas),
                      run.hessian_source or "n/a"])
     return ["## Flatness", "", *table(header, rows),
@@ -614,7 +709,13 @@ def plots_section(output_dir: Path, runs: Sequence[Run], keys: Sequence[str]) ->
              ("Zero-shot accuracy vs FLOPs", "zeroshot_accuracy_flops.png",
               lambda p: plot_zeroshot(runs, keys, p, "flops"), "no *-zeroshot-val-top1 results with train_flops"),
              ("Per-block Hessian trace", "hessian_blocks.png", lambda p: plot_hessian_blocks(runs, p),
-              "no per_block traces")]
+              "no per_block traces"),
+             ("Hessian eigenvalue density", "hessian_density.png", lambda p: plot_density(runs, p),
+              "no density"),
+             ("Loss landscape, 1d", "landscape_1d.png", lambda p: plot_landscape(runs, 1, p),
+              "no 1d landscape"),
+             ("Loss landscape, 2d", "landscape_2d.png", lambda p: plot_landscape(runs, 2, p),
+              "no 2d landscape")]
     lines = ["## Plots", ""]
     for title, filename, draw, missing in plots:
         path = output_dir / filename

@@ -2,8 +2,10 @@
 
 Samples carry their identity: the caption is "<source> <index>" and the image's first pixel
 encodes the index, so stand-in transforms turn every batch into ids (and prove pairs stay paired)."""
+import gc
 import io
 import math
+import multiprocessing
 import tarfile
 import time
 from collections import Counter
@@ -231,6 +233,9 @@ def test_rank_without_valid_samples_fails_fast_naming_rank_and_shards(tmp_path):
     rank, message = failures[0]
     assert f"rank {rank}" in message and "0001.tar" in message and "no valid sample" in message
     assert "\n" not in message  # the worker's traceback is stripped to the one line
+    del info
+    gc.collect()  # the failed iterator is garbage in a cycle: its shutdown must end its worker
+    assert multiprocessing.active_children() == [], "a worker outlived its iterator (Python's exit would hang)"
 
 
 def test_resampled_stream_of_only_bad_shards_fails(tmp_path):

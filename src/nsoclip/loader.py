@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, default_collate
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter  # private: the only handle on workers
 
 from .precision import input_dtype
 
@@ -61,9 +62,23 @@ class Loader(DataLoader):
                          persistent_workers=persistent and workers > 0, pin_memory=device.type == "cuda", **kwargs)
 
     def _get_iterator(self):
-        iterator = super()._get_iterator()
+        iterator = WorkerIterator(self) if self.num_workers > 0 else super()._get_iterator()
         _ITERATORS.add(iterator)
         return iterator
+
+
+class WorkerIterator(_MultiProcessingDataLoaderIter):
+    """torch's multi-process iterator whose shutdown ends every worker. torch's last resort for a
+    worker that did not stop in time is SIGTERM, which ours ignore: a worker left so would outlive
+    the iterator and hang Python's exit, which joins it. Killing it only after torch's shutdown
+    has unregistered the workers keeps torch's SIGCHLD handler from reporting it as a crash."""
+
+    def _shutdown_workers(self):
+        super()._shutdown_workers()
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
 
 
 def stop_workers() -> None:
@@ -71,18 +86,12 @@ def stop_workers() -> None:
     without it, an error leaves persistent workers waiting for indices, and Python's exit joins
     them forever (they ignore the SIGTERM multiprocessing would send)."""
     for iterator in list(_ITERATORS):
-        # torch's own shutdown (private, but the only handle on an iterator's workers): asks each
-        # worker to stop and joins it briefly; a worker still busy after that is killed.
-        shutdown = getattr(iterator, "_shutdown_workers", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # none for a single-process iterator
         if shutdown is not None:
             try:
                 shutdown()
             except Exception as error:  # a broken queue must not keep the others alive
                 logging.debug("dataloader shutdown: %s", error)
-        for worker in getattr(iterator, "_workers", ()):
-            if worker.is_alive():
-                worker.kill()
-                worker.join(timeout=5)
         _ITERATORS.discard(iterator)
 
 

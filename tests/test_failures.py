@@ -136,7 +136,7 @@ def test_one_process_fails_with_one_line_and_no_leftover_worker(case, workers, i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])  # 1 worker: the one-process matrix above
+@pytest.mark.parametrize("workers", [2])  # 0 and 1 worker: the one-process matrix above
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_fail_with_one_line_each_cause(case, workers, inputs, tmp_path):
     """Under torchrun: the process tree ends within the deadline, exit non-zero, and each distinct
@@ -194,7 +194,7 @@ def test_sigterm_stops_every_rank_within_one_step_whatever_the_log_interval(tmp_
     step in which the first of them got the signal and write that step's checkpoint; the resumed
     run ends exactly as an uninterrupted one. (The SIGTERM reaches torchrun's agent too, which
     forwards it and exits 1 itself; the ranks exit 143.)"""
-    flags = ["--model", TINY, "--dataset-type", "synthetic", "--train-num-samples", 256, "--batch-size", 2,
+    flags = ["--model", TINY, "--dataset-type", "synthetic", "--train-num-samples", 96, "--batch-size", 2,
              "--epochs", 1, "--workers", 1, "--device", "cpu", "--precision", "fp32", "--logs", tmp_path,
              "--warmup", 1, "--lr-scheduler", "const", "--seed", 1, "--local-loss", "--gather-with-grad",
              "--log-every-n-steps", 10000]

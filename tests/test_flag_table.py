@@ -4,6 +4,7 @@ files, logged values). Runs are shared between flags that fit together and made 
 The table must name exactly the README's flags, which must be exactly the parser's. Effects that
 need several processes are checked where noted (tests named in the row's comment)."""
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -361,6 +362,8 @@ def runs(inputs, tmp_path_factory):
 
     yield run
     patch.undo()
+    if "wandb" in done:  # wandb keeps the environment of its first run per process (its setup singleton)
+        sys.modules["wandb"].teardown()
 
 
 @pytest.mark.parametrize("flag", sorted(T))

@@ -14,7 +14,7 @@ from helpers import TINY, in_process, read_jsonl, write_eval_data
 
 from nsoclip import main
 
-pytest.importorskip("wandb")
+wandb = pytest.importorskip("wandb")
 
 
 def records(run_folder: Path) -> list:
@@ -37,10 +37,14 @@ def history(run_records, prefix):
 
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
+    """wandb in offline mode writing under tmp_path. wandb reads its environment once per process
+    (its setup singleton), so the singleton is torn down around the test, as a fresh process has it."""
+    wandb.teardown()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    return tmp_path / "wandb"
+    yield tmp_path / "wandb"
+    wandb.teardown()
 
 
 def test_wandb_run_matches_the_run_folder_and_resume_continues_it(tmp_path, offline):
